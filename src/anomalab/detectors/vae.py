@@ -1,0 +1,66 @@
+"""Convolutional VAE (METHODS.md section 1, seed 002; Kingma & Welling 2014).
+
+Loss per image: BCE(x, x_hat) summed over pixels + kl_weight * KL[N(mu, sigma) || N(0, I)], averaged
+over the batch. Score: mean squared error between x and the decoding of the posterior mean (so the
+score is deterministic); map: |x - x_hat|.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.distributions import Normal, kl_divergence
+
+from anomalab.detectors._autoencoder import ReconstructionDetector
+from anomalab.nets.conv28 import Decoder28, Encoder28, stem_depth
+
+
+def vae_loss(x: Tensor, x_hat: Tensor, q: Normal, kl_weight: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """(total, reconstruction, kl), each averaged over the batch; reconstruction = BCE summed per image."""
+    rec = F.binary_cross_entropy(x_hat, x, reduction="sum") / len(x)
+    kl = kl_divergence(q, Normal(torch.zeros_like(q.loc), torch.ones_like(q.scale))).sum() / len(x)
+    return rec + kl_weight * kl, rec, kl
+
+
+class VAE(ReconstructionDetector):
+    """Seed-2 convolutional VAE. score(images (N,C,H,W) in [0,1]) -> (N,), higher = more anomalous."""
+
+    name = "vae"
+
+    def __init__(self, latent_dim: int = 64, epochs: int = 20, batch_size: int = 128, lr: float = 1e-3,
+                 kl_weight: float = 1.0, seed: int = 0, device: str = "cpu"):
+        self.latent_dim = latent_dim  # z: size of the latent code
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr  # Adam learning rate
+        self.kl_weight = kl_weight  # weight of KL[q(z|x) || N(0, I)]; 1 = the plain VAE of the source
+        self.seed = seed
+        self.device = device
+
+    def _make_nets(self, shape) -> None:
+        c, h, _ = shape
+        self.encoder_ = Encoder28(c, self.latent_dim, variational=True, extra=stem_depth(h))
+        self.decoder_ = Decoder28(c, self.latent_dim, extra=stem_depth(h))
+
+    def loss(self, batch: Tensor):
+        q = self.encoder_.posterior(batch)
+        x_hat = self.decoder_(q.rsample())
+        loss, rec, kl = vae_loss(batch, x_hat, q, self.kl_weight)
+        return loss, {"loss": loss.item(), "rec": rec.item(), "kl": kl.item()}
+
+    def _reconstruct(self, x: Tensor) -> Tensor:
+        mean, _ = self.encoder_(x)
+        return self.decoder_(mean)
+
+    def embed(self, images: Tensor, batch_size: int | None = None) -> Tensor:
+        """images -> posterior means (N, latent_dim)."""
+        return self._batched(lambda x: self.encoder_(x)[0], images, batch_size)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n images decoded from z ~ N(0, I): (n, C, H, W) at the model's shape."""
+        self._check_fitted()
+        z = torch.randn(n, self.latent_dim, generator=generator).to(self.device_)
+        self.decoder_.eval()
+        with torch.inference_mode():
+            return self.decoder_(z).cpu()

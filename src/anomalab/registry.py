@@ -1,0 +1,48 @@
+"""One explicit table of detectors: name -> "module:Class", imported lazily on first use."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+from anomalab.detector import BaseDetector, LoadError, read_meta
+
+REGISTRY: dict[str, str] = {
+    "conv_ae": "anomalab.detectors.conv_ae:ConvAE",
+    "vae": "anomalab.detectors.vae:VAE",
+    "knn": "anomalab.detectors.knn:KNN",
+    "pca": "anomalab.detectors.pca:PCA",
+}
+
+
+def list_detectors() -> list[str]:
+    """Names accepted by `create`, in table order."""
+    return list(REGISTRY)
+
+
+def detector_class(name: str) -> type[BaseDetector]:
+    if name not in REGISTRY:
+        raise KeyError(f"unknown detector '{name}'; known: {', '.join(REGISTRY)}")
+    module, cls = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def create(name: str, **params: Any) -> BaseDetector:
+    """A new, unfitted detector: `create("vae", latent_dim=16, epochs=10)`."""
+    cls = detector_class(name)
+    unknown = set(params) - set(cls.param_names())
+    if unknown:
+        raise TypeError(f"{name} has no parameter(s) {sorted(unknown)}; it takes {cls.param_names()}")
+    return cls(**params)
+
+
+def load(path: str | Path) -> BaseDetector:
+    """Load a saved detector from its folder, or from a run folder holding `detector/`."""
+    path = Path(path)
+    if (path / "detector").is_dir():
+        path = path / "detector"
+    meta = read_meta(path)
+    if meta["name"] not in REGISTRY:
+        raise LoadError(f"{path} holds an unknown detector '{meta['name']}'")
+    return detector_class(meta["name"]).load(path)
