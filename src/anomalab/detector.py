@@ -165,7 +165,8 @@ class BaseDetector:
         return self._batched(self._score_batch, images, batch_size)
 
     def score_map(self, images: Tensor, batch_size: int | None = None) -> Tensor:
-        """images (N, C, H, W) in [0, 1] -> (N, H, W) anomaly maps at input resolution, higher = more anomalous."""
+        """images (N, C, H, W) in [0, 1] -> (N, H, W) anomaly maps at input resolution,
+        higher = more anomalous."""
         maps = self._batched(self._map_batch, images, batch_size)
         return resize_maps(maps, tuple(images.shape[-2:]))
 

@@ -18,7 +18,9 @@ def check_images(images: object, what: str = "images") -> Tensor:
     if not isinstance(images, Tensor):
         raise TypeError(f"{what}: expected a torch.Tensor of shape (N, C, H, W), got {type(images).__name__}")
     if images.ndim != 4:
-        raise ValueError(f"{what}: expected images of shape (N, C, H, W) in [0, 1], got {tuple(images.shape)}")
+        raise ValueError(
+            f"{what}: expected images of shape (N, C, H, W) in [0, 1], got {tuple(images.shape)}"
+        )
     if images.shape[1] not in (1, 3):
         raise ValueError(f"{what}: expected 1 (gray) or 3 (RGB) channels, got {images.shape[1]} "
                          f"in shape {tuple(images.shape)}")
