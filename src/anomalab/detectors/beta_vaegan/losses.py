@@ -1,0 +1,68 @@
+"""Losses of the beta-VAE teacher and the beta-VAEGAN student (METHODS.md section 5, seed 000, eq. 1-5).
+
+Every function returns per-image values (N,) unless it says otherwise; the model averages over the batch.
+Posteriors are diagonal Gaussians given as (mean, logvar).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def kl_to_standard_normal(mean: Tensor, logvar: Tensor) -> Tensor:
+    """KL[N(mean, exp(logvar)) || N(0, I)] summed over latent dims: (N,)."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(1)
+
+
+def kl_gaussians(mean_q: Tensor, logvar_q: Tensor, mean_p: Tensor, logvar_p: Tensor) -> Tensor:
+    """KL[N(mean_q, var_q) || N(mean_p, var_p)] summed over latent dims: (N,). Eq. 3 (L_KD) with
+    q = the student's posterior without the added dims, p = the teacher's posterior."""
+    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mean_q - mean_p).pow(2)) / logvar_p.exp() - 1.0).sum(1)
+
+
+def bernoulli_nll(logits: Tensor, x: Tensor) -> Tensor:
+    """-log p(x | z) for Bernoulli pixels, summed over pixels: (N,) (the beta-VAE's reconstruction term)."""
+    return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+
+
+def feature_reconstruction(features_x: Tensor, features_rec: Tensor) -> Tensor:
+    """Squared error between D's intermediate features of x and of G(z_s), summed over features: (N,).
+    Eq. 2's reconstruction term as the source defines it (VAEGAN's learned similarity)."""
+    return (features_x - features_rec).pow(2).flatten(1).sum(1)
+
+
+def filter_added(z_add: Tensor, y: Tensor) -> Tensor:
+    """Eq. 5 (conditional filtered GAN): |z_add| where y = 1, -|z_add| where y = 0. z_add (N, a), y (N,)."""
+    sign = 2.0 * y.to(z_add.dtype).view(-1, *([1] * (z_add.ndim - 1))) - 1.0
+    return sign * z_add.abs()
+
+
+def prior_codes(n: int, latent_dim: int, added_dims: int, generator: torch.Generator | None = None
+                ) -> tuple[Tensor, Tensor]:
+    """z_y and y of eq. 4: z_p ~ Unif(-1, 1)^(k+a), y uniform in {0, 1}, added part filtered by eq. 5."""
+    z = torch.rand(n, latent_dim + added_dims, generator=generator) * 2.0 - 1.0
+    y = torch.randint(0, 2, (n,), generator=generator)
+    z[:, latent_dim:] = filter_added(z[:, latent_dim:], y)
+    return z, y
+
+
+def discriminator_loss(real_logit: Tensor, rec_logit: Tensor, prior_logit: Tensor | None, gamma: float) -> Tensor:
+    """-L_GAN of eq. 4 for D (a scalar, batch means): -log D(x, y) - log(1 - D(G(z_s), y))
+    - gamma * log(1 - D(G(z_y), y)). D maximises L_GAN = minimises this."""
+    bce = F.binary_cross_entropy_with_logits
+    loss = bce(real_logit, torch.ones_like(real_logit)) + bce(rec_logit, torch.zeros_like(rec_logit))
+    if gamma:
+        loss = loss + gamma * bce(prior_logit, torch.zeros_like(prior_logit))
+    return loss
+
+
+def generator_loss(rec_logit: Tensor, prior_logit: Tensor | None, gamma: float) -> Tensor:
+    """The encoder/decoder side of eq. 4 in the usual non-saturating form (a scalar, batch means):
+    -log D(G(z_s), y) - gamma * log D(G(z_y), y)."""
+    bce = F.binary_cross_entropy_with_logits
+    loss = bce(rec_logit, torch.ones_like(rec_logit))
+    if gamma:
+        loss = loss + gamma * bce(prior_logit, torch.ones_like(prior_logit))
+    return loss

@@ -1,0 +1,72 @@
+"""The teacher: a beta-VAE (Higgins et al. 2017) on dSprites with the Burgess et al. 2018 conv net.
+
+Loss per image: -log p(x | z) (Bernoulli, summed over pixels) + beta * KL[q(z | x) || N(0, I)],
+averaged over the batch; trained with Adam on uniformly drawn dSprites images (rendered on demand).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from anomalab.data.dsprites import DSprites
+from anomalab.detectors.beta_vaegan._base import LatentModel
+from anomalab.detectors.beta_vaegan.losses import bernoulli_nll, kl_to_standard_normal
+from anomalab.detectors.beta_vaegan.nets import Decoder64, Encoder64
+
+
+class BetaVAE(LatentModel):
+    """beta-VAE teacher; `encode(images)` -> posterior means (N, latent_dim)."""
+
+    name = "beta_vae"
+    channels = 1
+
+    def __init__(self, latent_dim: int = 5, beta: float = 4.0, steps: int = 5000, batch_size: int = 64,
+                 lr: float = 5e-4, seed: int = 0, device: str = "cpu"):
+        self.latent_dim = latent_dim  # k: the teacher's latent size (source: 5)
+        self.beta = beta  # beta: weight of the KL term (Higgins et al. 2017; 4 as in Burgess et al.)
+        self.steps = steps  # optimiser steps (an epoch of dSprites is 11,520 steps of 64)
+        self.batch_size = batch_size
+        self.lr = lr  # Adam learning rate (Burgess et al.: 5e-4)
+        self.seed = seed
+        self.device = device
+
+    def _build(self) -> None:
+        self.data_ = getattr(self, "data_", None) or DSprites()
+        self.encoder_ = Encoder64(self.channels, self.latent_dim)
+        self.decoder_ = Decoder64(self.channels, self.latent_dim)
+        params = [*self.encoder_.parameters(), *self.decoder_.parameters()]
+        self.optimizer_ = torch.optim.Adam(params, lr=self.lr)
+
+    def _nets(self):
+        return {"encoder": self.encoder_, "decoder": self.decoder_}
+
+    def fit(self, data: DSprites | None = None, steps: int | None = None) -> BetaVAE:
+        """Train from scratch on uniformly drawn images of `data` (default: dSprites)."""
+        self.data_ = data or DSprites()
+        self._start()
+        self.train_more(self.steps if steps is None else steps)
+        return self
+
+    def _draw(self, rng: np.random.Generator) -> Tensor:
+        return self.data_.sample(self.batch_size, rng)[0]
+
+    def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Prepared images (N, 1, 64, 64) on the device -> (mean, logvar)."""
+        return self.encoder_(x)
+
+    def loss(self, x: Tensor) -> tuple[Tensor, dict[str, float]]:
+        mean, logvar = self.encoder_(x)
+        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+        rec = bernoulli_nll(self.decoder_(z), x).mean()
+        kl = kl_to_standard_normal(mean, logvar).mean()
+        loss = rec + self.beta * kl
+        return loss, {"loss": loss.item(), "rec": rec.item(), "kl": kl.item()}
+
+    def _train_step(self, batch: Tensor) -> dict[str, float]:
+        self.optimizer_.zero_grad(set_to_none=True)
+        loss, logs = self.loss(batch.to(self.device_))
+        loss.backward()
+        self.optimizer_.step()
+        return logs

@@ -1,0 +1,115 @@
+import numpy as np
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+from anomalab.data.dsprites import DSprites, added_set
+from anomalab.detector import LoadError
+from anomalab.detectors.beta_vaegan import BetaVAE, BetaVAEGAN
+from anomalab.detectors.beta_vaegan import losses as L
+from anomalab.detectors.beta_vaegan.nets import Decoder64, Discriminator64, Encoder64
+
+torch.set_num_threads(1)
+
+
+def _gauss(n=6, d=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g), torch.randn(n, d, generator=g) * 0.5
+
+
+def test_kl_losses_match_torch_distributions():
+    m, lv = _gauss()
+    ref = kl_divergence(Normal(m, (0.5 * lv).exp()), Normal(0.0, 1.0)).sum(1)
+    torch.testing.assert_close(L.kl_to_standard_normal(m, lv), ref)
+    m2, lv2 = _gauss(seed=1)
+    ref = kl_divergence(Normal(m, (0.5 * lv).exp()), Normal(m2, (0.5 * lv2).exp())).sum(1)
+    torch.testing.assert_close(L.kl_gaussians(m, lv, m2, lv2), ref)
+    assert L.kl_gaussians(m, lv, m, lv).abs().max() < 1e-6
+
+
+def test_reconstruction_losses_match_formula():
+    g = torch.Generator().manual_seed(0)
+    logits, x = torch.randn(3, 2, 4, 4, generator=g), torch.rand(3, 2, 4, 4, generator=g).round()
+    p = torch.sigmoid(logits)
+    ref = -(x * p.log() + (1 - x) * (1 - p).log()).flatten(1).sum(1)
+    torch.testing.assert_close(L.bernoulli_nll(logits, x), ref)
+    fa, fb = torch.randn(3, 10, generator=g), torch.randn(3, 10, generator=g)
+    torch.testing.assert_close(L.feature_reconstruction(fa, fb), ((fa - fb) ** 2).sum(1))
+
+
+def test_filter_and_prior_codes_follow_eq5():
+    z = torch.tensor([[-0.5], [0.3], [-0.2], [0.7]])
+    y = torch.tensor([1, 1, 0, 0])
+    torch.testing.assert_close(L.filter_added(z, y), torch.tensor([[0.5], [0.3], [-0.2], [-0.7]]))
+    z, y = L.prior_codes(2000, 5, 1, torch.Generator().manual_seed(0))
+    assert z.shape == (2000, 6) and z.abs().max() <= 1.0
+    assert (z[y == 1, 5] >= 0).all() and (z[y == 0, 5] <= 0).all()
+    assert 0.4 < y.float().mean() < 0.6 and z[:, :5].mean().abs() < 0.05
+
+
+def test_gan_losses_match_eq4():
+    real, rec, prior = torch.tensor([2.0, -1.0]), torch.tensor([0.5, -0.3]), torch.tensor([1.5, 0.1])
+    d = torch.sigmoid
+    ref = -(d(real).log().mean() + (1 - d(rec)).log().mean() + 5 * (1 - d(prior)).log().mean())
+    torch.testing.assert_close(L.discriminator_loss(real, rec, prior, 5.0), ref)
+    torch.testing.assert_close(L.discriminator_loss(real, rec, None, 0.0),
+                               -(d(real).log().mean() + (1 - d(rec)).log().mean()))
+    ref = -(d(rec).log().mean() + 5 * d(prior).log().mean())
+    torch.testing.assert_close(L.generator_loss(rec, prior, 5.0), ref)
+
+
+def test_net_shapes():
+    x = torch.rand(2, 3, 64, 64)
+    mean, logvar = Encoder64(3, 6)(x)
+    assert mean.shape == logvar.shape == (2, 6)
+    assert Decoder64(3, 6)(mean).shape == (2, 3, 64, 64)
+    logit, feat = Discriminator64(3)(x, torch.tensor([0, 1]))
+    assert logit.shape == (2,) and feat.shape == (2, 64 * 8 * 8)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    t = BetaVAE(latent_dim=5, steps=4, batch_size=8, seed=0)
+    t.progress = False
+    return t.fit()
+
+
+@pytest.fixture(scope="module")
+def added():
+    a = added_set()
+    return a.subset(np.arange(0, len(a), 97))
+
+
+def test_teacher_trains_deterministically_and_round_trips(teacher, tmp_path):
+    x = DSprites().images(np.arange(0, 737_280, 91_000))
+    again = BetaVAE(latent_dim=5, steps=4, batch_size=8, seed=0)
+    again.progress = False
+    torch.testing.assert_close(again.fit().encode(x), teacher.encode(x))
+    assert len(teacher.history_) == 1 and np.isfinite(teacher.history_[0]["loss"])
+    teacher.save(tmp_path / "t")
+    torch.testing.assert_close(BetaVAE.load(tmp_path / "t").encode(x), teacher.encode(x))
+    with pytest.raises(LoadError, match="not 'beta_vaegan'"):
+        BetaVAEGAN.load(tmp_path / "t")
+
+
+def test_student_starts_from_teacher_and_trains(teacher, added, tmp_path):
+    s = BetaVAEGAN(gamma=1.0, steps=0, batch_size=8, seed=0)
+    s.progress = False
+    s.fit(teacher, added)
+    white = DSprites().images(np.arange(0, 737_280, 91_000))
+    torch.testing.assert_close(s.encode(white)[:, :5], teacher.encode(white))  # gray -> RGB white input
+    s.train_more(3)
+    logs = s.history_[-1]
+    assert {"feature", "pixel", "kl", "kd", "adv", "loss_d"} <= set(logs) and np.isfinite(logs["loss"])
+    out = s.generate(white, 0.5)
+    assert out.shape == (len(white), 3, 64, 64) and 0 <= out.min() and out.max() <= 1
+    assert s.traverse(5, [-1.0, 0.0, 1.0]).shape == (3, 3, 64, 64)
+    with pytest.raises(ValueError, match="dim"):
+        s.traverse(6, [0.0])
+    s.save(tmp_path / "s")
+    torch.testing.assert_close(BetaVAEGAN.load(tmp_path / "s").generate(white, 0.5), out)
+
+
+def test_student_rejects_mismatched_teacher(teacher, added):
+    with pytest.raises(ValueError, match="latent_dim"):
+        BetaVAEGAN(latent_dim=4).fit(teacher, added)
