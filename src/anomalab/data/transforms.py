@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -24,10 +26,12 @@ def check_images(images: object, what: str = "images") -> Tensor:
     if images.shape[1] not in (1, 3):
         raise ValueError(f"{what}: expected 1 (gray) or 3 (RGB) channels, got {images.shape[1]} "
                          f"in shape {tuple(images.shape)}")
-    if images.numel() and not torch.isfinite(images).all():
-        raise ValueError(f"{what}: images contain NaN or infinite values")
-    if images.numel() and (images.min() < -1e-6 or images.max() > 1 + 1e-6):
-        raise ValueError(f"{what}: expected values in [0, 1], got [{images.min():.3g}, {images.max():.3g}]")
+    if images.numel():
+        lo, hi = (float(v) for v in torch.aminmax(images))  # one pass; NaN propagates into lo/hi
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"{what}: images contain NaN or infinite values")
+        if lo < -1e-6 or hi > 1 + 1e-6:
+            raise ValueError(f"{what}: expected values in [0, 1], got [{lo:.3g}, {hi:.3g}]")
     return images
 
 
