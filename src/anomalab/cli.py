@@ -82,17 +82,33 @@ def list_cmd() -> None:
               help="share of normal training images held out to fit the threshold.")
 @click.option("--overwrite", is_flag=True, help="replace an existing run folder.")
 @click.option("--no-figures", is_flag=True, help="skip PNG figures.")
-def fit(detector, params, data, out, max_fpr, calib_frac, overwrite, no_figures) -> None:
+@click.option("--continue-from", "continue_from", default=None, type=click.Path(exists=True, file_okay=False),
+              help="continual learning: update the detector saved in this run with --data as a new task "
+                   "and write --out as a new run (this run is not changed). See docs/continual.md.")
+@click.option("--strategy", type=click.Choice(["finetune", "replay", "ewc", "joint"]), default=None,
+              help="with --continue-from: how to keep earlier tasks (default: the old run's, else replay).")
+def fit(detector, params, data, out, max_fpr, calib_frac, overwrite, no_figures, continue_from, strategy) -> None:
     """Fit DETECTOR on the normal images of --data and write a run folder.
 
     PARAMS are detector parameters as key=value, e.g. `anomalab fit vae --data mnist:anomaly=0
-    --out runs/vae0 epochs=10 latent_dim=32`.
+    --out runs/vae0 epochs=10 latent_dim=32`. With --continue-from, PARAMS may set epochs, lr,
+    batch_size and the strategy's parameters (e.g. ewc_lambda=0.01).
     """
     from anomalab.run import fit_run
 
-    det, ev, run = fit_run(detector, _parse_params(params), data, out, max_fpr=max_fpr, calib_frac=calib_frac,
-                           overwrite=overwrite, command="anomalab " + " ".join(sys.argv[1:]),
-                           figures=not no_figures)
+    command = "anomalab " + " ".join(sys.argv[1:])
+    if strategy and not continue_from:
+        raise ValueError("--strategy needs --continue-from RUN_DIR (the run to update)")
+    if continue_from:
+        from anomalab.continual.update import continue_run
+
+        det, ev, run = continue_run(detector, _parse_params(params), data, out, continue_from, strategy,
+                                    max_fpr=max_fpr, calib_frac=calib_frac, overwrite=overwrite,
+                                    command=command, figures=not no_figures)
+    else:
+        det, ev, run = fit_run(detector, _parse_params(params), data, out, max_fpr=max_fpr,
+                               calib_frac=calib_frac, overwrite=overwrite, command=command,
+                               figures=not no_figures)
     click.echo(f"fitted {detector} -> {run}/detector "
                f"(threshold {det.threshold_.value:.5g} at max FPR {max_fpr})")
     if ev is not None:
@@ -188,6 +204,35 @@ def report(run_dirs, out, title) -> None:
 
     out = out or (str(Path(run_dirs[0]) / "report.html") if len(run_dirs) == 1 else "report.html")
     click.echo(f"report: {write_report(run_dirs, out, title=title)}")
+
+
+@main.group("make-dataset")
+def make_dataset() -> None:
+    """Build a dataset on disk in the MVTec AD layout."""
+
+
+@make_dataset.command("textures")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="folder to write.")
+@click.option("--categories", default="brick,grass,gravel", show_default=True, help="comma-separated photos.")
+@click.option("--size", default=128, show_default=True, help="side of the written images (px).")
+@click.option("--n-train", default=100, show_default=True)
+@click.option("--n-test-good", default=20, show_default=True)
+@click.option("--n-test-per-defect", default=10, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="replace existing category folders.")
+def make_textures_cmd(out, categories, size, n_train, n_test_good, n_test_per_defect, seed, overwrite) -> None:
+    """Texture benchmark from scikit-image's real photos (brick, grass, gravel): defect-free crops for
+    training; test crops with synthetic scratches, blobs, missing patches and intensity shifts, with masks."""
+    from anomalab.data.textures import make_textures
+
+    cats = tuple(c.strip() for c in categories.split(",") if c.strip())
+    try:
+        root = make_textures(out, categories=cats, size=size, n_train=n_train, n_test_good=n_test_good,
+                             n_test_per_defect=n_test_per_defect, seed=seed, overwrite=overwrite)
+    except FileExistsError as e:
+        raise FileExistsError(f"{str(e).split(';')[0]}; pass --overwrite to replace them") from None
+    for c in cats:
+        click.echo(f"{root / c}: use it as --data {root / c}")
 
 
 def _experiments() -> list[str]:
