@@ -113,3 +113,38 @@ def test_student_starts_from_teacher_and_trains(teacher, added, tmp_path):
 def test_student_rejects_mismatched_teacher(teacher, added):
     with pytest.raises(ValueError, match="latent_dim"):
         BetaVAEGAN(latent_dim=4).fit(teacher, added)
+
+
+def test_generate_command_writes_pseudo_anomalies(teacher, added, tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from anomalab.cli import main
+
+    s = BetaVAEGAN(gamma=1.0, steps=0, batch_size=8, seed=0)
+    s.progress = False
+    s.fit(teacher, added)
+    s.save(tmp_path / "run" / "model")
+    (tmp_path / "in").mkdir()
+    for i, img in enumerate(DSprites().images(np.array([0, 400_000]))):
+        Image.fromarray((img[0].numpy() * 255).astype(np.uint8)).save(tmp_path / "in" / f"sprite{i}.png")
+    result = CliRunner().invoke(main, ["generate", str(tmp_path / "run"), "--images", str(tmp_path / "in"),
+                                       "--degree", "0.8", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["sprite0.png", "sprite1.png"]
+    assert Image.open(tmp_path / "out" / "sprite0.png").size == (64, 64)
+    result = CliRunner().invoke(main, ["generate", str(tmp_path / "in"), "--images", str(tmp_path / "in"),
+                                       "--out", str(tmp_path / "out2")])
+    assert result.exit_code == 2 and "no saved beta_vaegan model" in result.output
+
+
+def test_teacher_kl_warmup_ramps_beta():
+    t = BetaVAE(beta=4.0, kl_warmup_steps=10, steps=0)
+    t.fit(steps=0)
+    assert t.beta_now == 0.0
+    t.progress = False
+    t.train_more(5)
+    assert t.steps_done_ == 5 and t.beta_now == pytest.approx(2.0)
+    t.train_more(10)
+    assert t.beta_now == 4.0 and BetaVAE(beta=4.0).beta_now == 4.0

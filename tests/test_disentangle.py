@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from anomalab.metrics.disentangle import factor_correspondence, factor_vae_score, global_variances
+from anomalab.metrics.disentangle import EncodedPool, factor_correspondence, factor_vae_score, global_variances
 
 
 class FactorImages:
@@ -55,3 +55,14 @@ def test_correspondence():
     assert factor_correspondence(perfect, data, rng, factor=0, dim=4, variances=var, batch_size=32) == 0.0
     share = factor_correspondence(random_code, data, rng, factor=1, dim=0, num_votes=200, batch_size=32)
     assert share == pytest.approx(0.25, abs=0.12)
+
+
+def test_pooled_votes_agree_with_exact_sampling():
+    data = FactorImages()
+    r = factor_vae_score(perfect, data, np.random.default_rng(0), pool_size=3000, **QUICK)
+    assert r.eval_accuracy > 0.98 and r.classifier[:4].tolist() == [2, 0, 3, 1]
+    r = factor_vae_score(random_code, data, np.random.default_rng(0), pool_size=3000, **QUICK)
+    assert r.eval_accuracy < 0.45
+    pool = EncodedPool.build(perfect, data, np.random.default_rng(2), 3000)
+    assert factor_correspondence(perfect, data, np.random.default_rng(3), factor=3, dim=2, pool=pool,
+                                 num_variance_estimate=2000, batch_size=32) == 1.0

@@ -235,6 +235,21 @@ def make_textures_cmd(out, categories, size, n_train, n_test_good, n_test_per_de
         click.echo(f"{root / c}: use it as --data {root / c}")
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False),
+              help="folder of normal images to start from.")
+@click.option("--degree", default=0.5, show_default=True,
+              help="value of the added latent dimension: > 0 adds the learned anomaly, larger = stronger.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="folder to write PNGs into.")
+def generate(run_dir, images, degree, out) -> None:
+    """Generate pseudo-anomalies of a chosen DEGREE from IMAGES with the beta-VAEGAN saved in RUN_DIR."""
+    from anomalab.detectors.beta_vaegan.generate import generate_folder
+
+    paths = generate_folder(run_dir, images, degree, out)
+    click.echo(f"wrote {len(paths)} images to {out}")
+
+
 def _experiments() -> list[str]:
     import anomalab.experiments as pkg
 

@@ -106,9 +106,13 @@ class LatentModel:
         def log_step(epoch: int, means: dict[str, float]) -> None:
             means["step"] = min(done + (epoch + 1) * self.log_every, done + steps)
 
-        self.history_ += run_epochs(self._train_step, loader, passes, progress=self.progress,
+        def counted_step(batch: Any) -> dict[str, float]:
+            logs = self._train_step(batch)
+            self.steps_done_ += 1
+            return logs
+
+        self.history_ += run_epochs(counted_step, loader, passes, progress=self.progress,
                                     desc=f"{self.name} fit", on_epoch_end=log_step)
-        self.steps_done_ += steps
 
     # ---- inference -----------------------------------------------------------------------------
     def _prepare(self, images: Tensor) -> Tensor:

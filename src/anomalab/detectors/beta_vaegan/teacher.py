@@ -1,7 +1,9 @@
 """The teacher: a beta-VAE (Higgins et al. 2017) on dSprites with the Burgess et al. 2018 conv net.
 
 Loss per image: -log p(x | z) (Bernoulli, summed over pixels) + beta * KL[q(z | x) || N(0, I)],
-averaged over the batch; trained with Adam on uniformly drawn dSprites images (rendered on demand).
+averaged over the batch (option of ours: `kl_warmup_steps` ramps beta up from 0, against the early
+posterior collapse that costs a short CPU budget most of its steps); trained with Adam on uniformly
+drawn dSprites images (rendered on demand).
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ class BetaVAE(LatentModel):
     channels = 1
 
     def __init__(self, latent_dim: int = 5, beta: float = 4.0, steps: int = 5000, batch_size: int = 64,
-                 lr: float = 5e-4, seed: int = 0, device: str = "cpu"):
+                 lr: float = 5e-4, kl_warmup_steps: int = 0, seed: int = 0, device: str = "cpu"):
         self.latent_dim = latent_dim  # k: the teacher's latent size (source: 5)
         self.beta = beta  # beta: weight of the KL term (Higgins et al. 2017; 4 as in Burgess et al.)
         self.steps = steps  # optimiser steps (an epoch of dSprites is 11,520 steps of 64)
         self.batch_size = batch_size
         self.lr = lr  # Adam learning rate (Burgess et al.: 5e-4)
+        self.kl_warmup_steps = kl_warmup_steps  # ours: beta ramps up linearly over these steps (0 = plain)
         self.seed = seed
         self.device = device
 
@@ -61,8 +64,15 @@ class BetaVAE(LatentModel):
         z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
         rec = bernoulli_nll(self.decoder_(z), x).mean()
         kl = kl_to_standard_normal(mean, logvar).mean()
-        loss = rec + self.beta * kl
+        loss = rec + self.beta_now * kl
         return loss, {"loss": loss.item(), "rec": rec.item(), "kl": kl.item()}
+
+    @property
+    def beta_now(self) -> float:
+        """beta at the current step: the full beta, or its linear warm-up when kl_warmup_steps > 0."""
+        if self.kl_warmup_steps <= 0:
+            return self.beta
+        return self.beta * min(1.0, getattr(self, "steps_done_", 0) / self.kl_warmup_steps)
 
     def _train_step(self, batch: Tensor) -> dict[str, float]:
         self.optimizer_.zero_grad(set_to_none=True)

@@ -1,0 +1,43 @@
+"""Pseudo-anomalies from a saved beta-VAEGAN: encode normal images, set the added dimension to the chosen
+degree, decode, write PNGs (what `anomalab generate RUN_DIR --images DIR --degree 0.5 --out DIR` runs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from anomalab.data.folder import load_folder
+from anomalab.detectors.beta_vaegan._base import META_FILE
+from anomalab.detectors.beta_vaegan.model import BetaVAEGAN
+
+MODEL_DIRS = ("", "model", "student_g1_s0")  # where a run folder may hold the saved student
+
+
+def load_generator(run_dir: str | Path) -> BetaVAEGAN:
+    """The student saved in `run_dir` (a model folder, or a run folder holding `model/`)."""
+    run_dir = Path(run_dir)
+    for sub in MODEL_DIRS:
+        if (run_dir / sub / META_FILE).is_file():
+            return BetaVAEGAN.load(run_dir / sub)
+    raise FileNotFoundError(f"no saved beta_vaegan model in {run_dir} (expected {META_FILE} and "
+                            "weights.safetensors there or in model/)")
+
+
+def generate_folder(run_dir: str | Path, images: str | Path, degree: float, out: str | Path) -> list[Path]:
+    """Write one pseudo-anomaly per image of the folder `images` into `out` (same file stem, .png, 64x64
+    RGB); returns the written paths."""
+    model = load_generator(run_dir)
+    data = load_folder(images, size=64, channels=3, on_error="raise")
+    if len(data) == 0:
+        raise FileNotFoundError(f"no images in {images}")
+    fakes = model.generate(data.images, degree)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, img in zip(data.names, fakes):
+        path = out / f"{Path(name).stem}.png"
+        Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths

@@ -1,0 +1,324 @@
+"""beta-VAEGAN on dSprites: Table 1 (gamma sweep), latent traversals, AUROC vs anomaly degree (METHODS.md s5).
+
+Stages (each resumable: finished rows in results.jsonl and saved models are skipped on a rerun):
+1. teacher: a beta-VAE (latent 5, beta 4, Burgess net) on dSprites; FactorVAE score on the 5 factors.
+2. students: beta-VAEGAN (latent 5 + 1) for each gamma and seed, trained on white dSprites (y = 0) and
+   the 15,360 coloured images (y = 1); FactorVAE score on the 5 original factors (white images), on all
+   6 factors (colour as sixth factor), and the added-factor correspondence (100 colour votes).
+3. figures: traversals of teacher vs student (gamma = 1); pseudo-anomalies at increasing degree scored by
+   a PCA detector fitted on normal (white) sprites: AUROC vs degree for every gamma.
+
+The default budget fits a shared 2-core CPU (stated beside every number in results.md); `--paper` runs a
+long schedule of ours (the source gives none) with the exact (non-pooled) metric, on a GPU when present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from anomalab.data.dsprites import ColouredDSprites, DSprites, WhiteDSprites, added_set
+from anomalab.detectors.beta_vaegan import BetaVAE, BetaVAEGAN
+from anomalab.metrics import image_auroc
+from anomalab.metrics.disentangle import (
+    LIB_VARIANT,
+    QUICK_VARIANT,
+    EncodedPool,
+    factor_correspondence,
+    factor_vae_score,
+)
+
+# ---- settings -------------------------------------------------------------------------------------------
+TEACHER = dict(latent_dim=5, beta=4.0, steps=3000, batch_size=64, lr=5e-4)
+STUDENT = dict(latent_dim=5, added_dims=1, beta=4.0, steps=400, batch_size=32, lr=5e-4, lr_d=2e-4)
+PAPER_TEACHER_STEPS, PAPER_STUDENT_STEPS = 300_000, 50_000  # disentanglement_lib's 300k steps; ours
+GAMMAS = (0.0, 1.0, 5.0, 10.0)
+SEEDS = (0,)
+METRIC = dict(LIB_VARIANT)  # 10,000 train / 5,000 eval votes, L = 64, variances from 10,000 samples
+POOL_SIZE = 50_000  # pooled votes: encode 50,000 images once instead of 960,000 (metrics.disentangle)
+TRACK_EVERY = 1000  # teacher steps between progress checks (quick metric: 1,000 / 500 votes, pool 10,000)
+CORRESPONDENCE_VOTES = 100
+DEGREES = (-1.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+N_DEGREE_IMAGES = 500
+SOURCE_TABLE1 = {  # the source's Table 1: D-acc (5 original), D-acc (all 6), correspondence
+    "teacher": (0.804, None, None), 0.0: (0.826, 0.667, 0.00), 1.0: (0.808, 0.840, 1.00),
+    5.0: (0.816, 0.847, 1.00), 10.0: (0.766, 0.735, 1.00),
+}
+
+
+class Results:
+    """Rows of results.jsonl keyed by 'stage' (a rerun skips finished stages)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows = {}
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    self.rows[row["stage"]] = row
+
+    def __contains__(self, stage: str) -> bool:
+        return stage in self.rows
+
+    def add(self, row: dict) -> dict:
+        self.rows[row["stage"]] = row
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
+
+
+class Clock:
+    def __enter__(self):
+        self.wall, self.cpu = time.time(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall_s, self.cpu_s = time.time() - self.wall, time.process_time() - self.cpu
+
+
+def _metric(model, data, seed: int, args, pool: EncodedPool | None = None) -> tuple[dict, EncodedPool | None]:
+    rng = np.random.default_rng(seed)
+    if pool is None and args.pool_size:
+        pool = EncodedPool.build(model.encode, data, rng, args.pool_size)
+    r = factor_vae_score(model.encode, data, rng, pool=pool, **METRIC)
+    return {"eval_accuracy": r.eval_accuracy, "train_accuracy": r.train_accuracy,
+            "num_active_dims": r.num_active_dims, "votes": r.votes.tolist(),
+            "classifier": r.classifier.tolist()}, pool
+
+
+def _train_chunks(model, target: int, path: Path, track=None) -> dict:
+    """Train `model` to `target` steps in chunks, saving after each; CPU/wall seconds kept in time.json."""
+    tf = path / "time.json"
+    spent = json.loads(tf.read_text()) if tf.is_file() else {"cpu_s": 0.0, "wall_s": 0.0}
+    while model.steps_done_ < target:
+        with Clock() as c:
+            model.train_more(min(TRACK_EVERY if track else 250, target - model.steps_done_))
+        spent["cpu_s"] += c.cpu_s
+        spent["wall_s"] += c.wall_s
+        model.save(path)
+        tf.write_text(json.dumps(spent))
+        if track:
+            track(model)
+    return spent
+
+
+def teacher_stage(args, res: Results) -> BetaVAE:
+    path = args.out / "teacher"
+    if (path / "model.json").is_file():
+        teacher = BetaVAE.load(path, device=args.device)
+    else:
+        teacher = BetaVAE(**{**TEACHER, "steps": args.teacher_steps}, seed=args.seed, device=args.device)
+        teacher._start()
+    teacher.progress = args.progress
+
+    def track(m):
+        with Clock() as c:
+            q, _ = _metric(m, DSprites(), 100 + m.steps_done_, args_quick(args))
+        res.add({"stage": f"teacher_track_{m.steps_done_}", "model": "teacher", "step": m.steps_done_,
+                 "quick_factor_vae": q["eval_accuracy"], "metric_cpu_s": c.cpu_s})
+        print(f"teacher step {m.steps_done_}: FactorVAE (quick 1,000/500 votes) {q['eval_accuracy']:.3f}")
+
+    spent = _train_chunks(teacher, args.teacher_steps, path, track if args.track else None)
+    if "teacher" not in res:
+        with Clock() as c:
+            m, _ = _metric(teacher, DSprites(), 1, args)
+        row = res.add({"stage": "teacher", "model": "teacher", "seed": args.seed, "steps": teacher.steps_done_,
+                       "batch_size": teacher.batch_size, "train_cpu_s": spent["cpu_s"],
+                       "train_wall_s": spent["wall_s"], "d_acc_5": m["eval_accuracy"], "metric5": m,
+                       "metric_cpu_s": c.cpu_s, "pool_size": args.pool_size})
+        print(f"teacher: FactorVAE {row['d_acc_5']:.3f} ({teacher.steps_done_} steps)")
+    if args.check_pool and "teacher_pool_check" not in res:
+        # the pooled estimate against exact sampling, both with 1,000 / 500 votes
+        exact = factor_vae_score(teacher.encode, DSprites(), np.random.default_rng(7), **QUICK_VARIANT)
+        pooled = factor_vae_score(teacher.encode, DSprites(), np.random.default_rng(7), pool_size=args.pool_size,
+                                  **QUICK_VARIANT)
+        res.add({"stage": "teacher_pool_check", "exact_quick": exact.eval_accuracy,
+                 "pooled_quick": pooled.eval_accuracy, "pool_size": args.pool_size})
+    return teacher
+
+
+def args_quick(args):
+    quick = argparse.Namespace(**vars(args))
+    quick.pool_size = 10_000 if args.pool_size else 0
+    return quick
+
+
+def student_stage(args, res: Results, teacher: BetaVAE, gamma: float, seed: int) -> BetaVAEGAN:
+    stage = f"student_g{gamma:g}_s{seed}"
+    path = args.out / stage
+    if (path / "model.json").is_file():
+        student = BetaVAEGAN.load(path, device=args.device)
+        student.teacher_, student.added_, student.original_ = teacher, added_set().images, WhiteDSprites()
+    else:
+        student = BetaVAEGAN(**{**STUDENT, "steps": args.student_steps}, gamma=gamma, seed=seed,
+                             device=args.device)
+        student.progress = args.progress
+        student.fit(teacher, added_set(), steps=0)
+    student.progress = args.progress
+    spent = _train_chunks(student, args.student_steps, path)
+    if stage not in res:
+        with Clock() as c:
+            m5, _ = _metric(student, WhiteDSprites(), 11 + seed, args)
+            m6, pool = _metric(student, ColouredDSprites(), 12 + seed, args)
+            corr = factor_correspondence(student.encode, ColouredDSprites(), np.random.default_rng(13 + seed),
+                                         factor=5, dim=student.added_dim, num_votes=CORRESPONDENCE_VOTES,
+                                         pool=pool)
+        row = res.add({"stage": stage, "model": "student", "gamma": gamma, "seed": seed,
+                       "steps": student.steps_done_, "batch_size": student.batch_size,
+                       "train_cpu_s": spent["cpu_s"], "train_wall_s": spent["wall_s"],
+                       "d_acc_5": m5["eval_accuracy"], "d_acc_6": m6["eval_accuracy"], "correspondence": corr,
+                       "metric5": m5, "metric6": m6, "metric_cpu_s": c.cpu_s, "pool_size": args.pool_size,
+                       "last_losses": student.history_[-1]})
+        print(f"student gamma={gamma:g} seed={seed}: D-acc 5 {row['d_acc_5']:.3f}, all 6 {row['d_acc_6']:.3f}, "
+              f"correspondence {corr:.2f}")
+    return student
+
+
+def traversal_figure(args, teacher: BetaVAE, student: BetaVAEGAN) -> Path:
+    from anomalab.report.plots import image_grid
+
+    values = np.linspace(-2.0, 2.0, 9)
+    image = WhiteDSprites().images_from_factors(np.array([[2, 3, 0, 16, 16]]))  # a mid-size heart, centred
+    zt, zs = teacher.encode(image)[0], student.encode(image)[0]
+    rows = [(f"teacher z{d + 1}", teacher.traverse(d, values, zt)) for d in range(teacher.latent_dim)]
+    rows += [(f"student z{d + 1}", student.traverse(d, values, zs)) for d in range(student.encoder_.latent_dim)]
+    return image_grid(rows, args.out / "traversal.png", col_titles=[f"{v:+.1f}" for v in values],
+                      title=f"latent traversals: teacher (top) vs student gamma={student.gamma:g} (bottom)")
+
+
+def degree_stage(args, res: Results, students: dict[float, BetaVAEGAN]) -> None:
+    from anomalab.registry import create
+    from anomalab.report.plots import image_grid
+
+    rng = np.random.default_rng(21)
+    white = WhiteDSprites()
+    detector = create("pca", n_components=32, seed=0).fit(white.sample(2000, rng)[0])
+    normal = white.sample(N_DEGREE_IMAGES, rng)[0]
+    real_scores = detector.score(normal).numpy()
+    curves = {}
+    for gamma, student in students.items():
+        stage = f"degree_g{gamma:g}"
+        recon = student.decode(student.encode(normal))
+        recon_scores = detector.score(recon).numpy()
+        rows = []
+        for degree in DEGREES:
+            fake = student.generate(normal, degree)
+            s = detector.score(fake).numpy()
+            labels = np.r_[np.zeros(len(s)), np.ones(len(s))]
+            on = normal[:, 0] > 0.5  # sprite pixels: redness = 1 - mean(G, B) there
+            redness = float((1 - fake[:, 1:].mean(1))[on].mean())
+            rows.append({"degree": degree, "auroc_vs_reconstruction": image_auroc(labels, np.r_[recon_scores, s]),
+                         "auroc_vs_real": image_auroc(labels, np.r_[real_scores, s]), "redness": redness})
+        curves[gamma] = rows
+        if stage not in res:
+            res.add({"stage": stage, "gamma": gamma, "detector": "pca(n_components=32) on 2,000 white sprites",
+                     "n_images": N_DEGREE_IMAGES, "curve": rows})
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for gamma, rows in curves.items():
+        d = [r["degree"] for r in rows]
+        axes[0].plot(d, [r["auroc_vs_reconstruction"] for r in rows], marker="o", label=f"gamma={gamma:g}")
+        axes[1].plot(d, [r["redness"] for r in rows], marker="o", label=f"gamma={gamma:g}")
+    axes[0].set(xlabel="degree (value of the added dimension z6)", ylabel="AUROC (PCA detector)",
+                title="pseudo-anomalies vs unedited reconstructions")
+    axes[1].set(xlabel="degree (value of z6)", ylabel="redness of sprite pixels", title="colour of the output")
+    axes[0].axhline(0.5, color="grey", lw=0.8, ls=":")
+    axes[0].legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.out / "degree_curve.png", dpi=110)
+    plt.close(fig)
+    if 1.0 in students:
+        s = students[1.0]
+        image_grid([(f"z6={d:+.2f}", s.generate(normal[:8], d)) for d in DEGREES], args.out / "degree_samples.png",
+                   title="pseudo-anomalies of increasing degree (student gamma=1) on 8 normal sprites")
+
+
+def write_table(args, res: Results) -> str:
+    def fmt(v, spec=".3f"):
+        return "-" if v is None else format(v, spec)
+
+    t = res.rows.get("teacher")
+    lines = ["| model | D-acc (5 original) | D-acc (all 6) | correspondence | source: 5 / 6 / corr. "
+             "| steps x batch | train CPU min | seed |", "|---|---|---|---|---|---|---|---|"]
+    if t:
+        src = SOURCE_TABLE1["teacher"]
+        lines.append(f"| teacher (beta-VAE) | {fmt(t['d_acc_5'])} | - | - | {fmt(src[0])} / - / - | "
+                     f"{t['steps']} x {t['batch_size']} | {t['train_cpu_s'] / 60:.1f} | {t['seed']} |")
+    for gamma in GAMMAS:
+        for seed in args.seeds:
+            r = res.rows.get(f"student_g{gamma:g}_s{seed}")
+            if not r:
+                continue
+            src = SOURCE_TABLE1[gamma]
+            lines.append(f"| student gamma={gamma:g} | {fmt(r['d_acc_5'])} | {fmt(r['d_acc_6'])} | "
+                         f"{fmt(r['correspondence'], '.2f')} | {src[0]:.3f} / {src[1]:.3f} / {src[2]:.2f} | "
+                         f"{r['steps']} x {r['batch_size']} | {r['train_cpu_s'] / 60:.1f} | {seed} |")
+    check = res.rows.get("teacher_pool_check")
+    pool = (f"votes drawn from a pool of {args.pool_size:,} encoded images (pooled votes)" if args.pool_size
+            else "exact sampling")
+    notes = [f"FactorVAE metric, disentanglement_lib variant: L = 64, {METRIC['num_train']:,} training / "
+             f"{METRIC['num_eval']:,} eval votes, variances from 10,000 samples, prune std < 0.05; {pool}.",
+             "D-acc (5 original): white sprites; D-acc (all 6): colour as a sixth factor (white + 5 levels); "
+             f"correspondence: share of {CORRESPONDENCE_VOTES} colour votes naming the added dimension z6.",
+             "CPU minutes are process CPU time on a shared 2-core machine with torch.set_num_threads(1)."]
+    if check:
+        notes.append(f"Pooled vs exact sampling on the teacher (1,000 / 500 votes): {check['pooled_quick']:.3f} "
+                     f"vs {check['exact_quick']:.3f}.")
+    text = "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    deg = [r for k, r in res.rows.items() if k.startswith("degree_g")]
+    if deg:
+        text += "\n| gamma | " + " | ".join(f"z6={d:g}" for d in DEGREES) + " |\n|---|" + "---|" * len(DEGREES) + "\n"
+        for r in sorted(deg, key=lambda r: r["gamma"]):
+            text += f"| {r['gamma']:g} (AUROC) | " + " | ".join(f"{c['auroc_vs_reconstruction']:.3f}"
+                                                           for c in r["curve"]) + " |\n"
+            text += f"| {r['gamma']:g} (redness) | " + " | ".join(f"{c['redness']:.2f}" for c in r["curve"]) + " |\n"
+        text += ("\nAUROC of a PCA detector (32 components, fitted on 2,000 white sprites) separating "
+                 f"{N_DEGREE_IMAGES} pseudo-anomalies at each degree from the student's unedited "
+                 "reconstructions of the same sprites; redness = 1 - mean(G, B) on sprite pixels.\n")
+    (args.out / "results.md").write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/beta_vaegan_dsprites", type=Path)
+    p.add_argument("--gammas", type=float, nargs="+", default=list(GAMMAS))
+    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    p.add_argument("--seed", type=int, default=0, help="teacher seed")
+    p.add_argument("--teacher-steps", type=int, default=TEACHER["steps"])
+    p.add_argument("--student-steps", type=int, default=STUDENT["steps"])
+    p.add_argument("--pool-size", type=int, default=POOL_SIZE, help="0 = exact metric sampling")
+    p.add_argument("--paper", action="store_true",
+                   help=f"long schedule: teacher {PAPER_TEACHER_STEPS:,} / student {PAPER_STUDENT_STEPS:,} steps, "
+                        "exact metric, GPU when present")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--track", action="store_true", help="quick FactorVAE every 1,000 teacher steps")
+    p.add_argument("--no-check-pool", dest="check_pool", action="store_false")
+    p.add_argument("--no-figures", dest="figures", action="store_false")
+    p.add_argument("--progress", action="store_true", help="progress bars")
+    args = p.parse_args(argv)
+    if args.paper:
+        args.teacher_steps, args.student_steps, args.pool_size = PAPER_TEACHER_STEPS, PAPER_STUDENT_STEPS, 0
+        args.device, args.track = "auto", True
+    args.out.mkdir(parents=True, exist_ok=True)
+    res = Results(args.out / "results.jsonl")
+    teacher = teacher_stage(args, res)
+    students = {g: student_stage(args, res, teacher, g, s) for g in args.gammas for s in args.seeds[:1]}
+    for g in args.gammas:
+        for s in args.seeds[1:]:
+            student_stage(args, res, teacher, g, s)
+    if args.figures:
+        if 1.0 in students:
+            traversal_figure(args, teacher, students[1.0])
+        degree_stage(args, res, students)
+    print(write_table(args, res))
+
+
+if __name__ == "__main__":
+    main()
