@@ -68,7 +68,8 @@ def test_replay_batches_hold_decoded_samples_of_a_frozen_decoder(tasks):
     # the frozen copy is the decoder as it was at the end of task 1, and training did not change it
     for k, v in state_copy(frozen).items():
         assert torch.equal(v, before[k]), k
-    assert not any(torch.equal(v, before[k]) for k, v in state_copy(det.decoder_).items() if v.is_floating_point())
+    after = state_copy(det.decoder_)
+    assert not any(torch.equal(v, before[k]) for k, v in after.items() if v.is_floating_point())
     # every batch = real images of task 2 + batch/2 images decoded by the frozen decoder from z ~ N(0, I)
     n_replay = BATCH // 2
     g = torch.Generator().manual_seed(det.seed * 1000 + 1)
@@ -164,6 +165,12 @@ def test_joint_trains_on_every_task_so_far_and_finetune_on_the_last_only(tasks):
         expected = torch.cat([t.images for t in tasks]) if name == "joint" else tasks[2].images
         assert len(images) == len(expected)  # one epoch: every image exactly once
         assert rows_in(images, expected) and rows_in(expected, images)
+
+
+def test_joint_at_equal_steps_makes_fewer_passes_over_a_larger_union():
+    assert make_strategy("joint").task_epochs(20, n_new=400, n_train=1200) == 20
+    assert make_strategy("joint", equal_steps=True).task_epochs(20, n_new=400, n_train=1200) == 7
+    assert make_strategy("joint", equal_steps=True).task_epochs(2, n_new=400, n_train=3600) == 1
 
 
 def test_inapplicable_strategies_raise_clear_errors(tasks):

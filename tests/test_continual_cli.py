@@ -31,7 +31,8 @@ def folders(mnist, tmp_path_factory):
         folder.mkdir()
         idx = np.flatnonzero(mnist.classes.numpy() == d)[:24]
         for i, k in enumerate(idx):
-            Image.fromarray((mnist.images[k, 0].numpy() * 255).round().astype(np.uint8)).save(folder / f"{i}.png")
+            pixels = (mnist.images[k, 0].numpy() * 255).round().astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.png")
         out.append(folder)
     return out
 
@@ -69,7 +70,8 @@ def test_replay_update_writes_a_new_run_and_leaves_the_old_one_untouched(folders
 
 
 @pytest.mark.parametrize("strategy", ["ewc", "joint"])
-def test_ewc_and_joint_reload_the_earlier_data_from_the_recorded_specs(folders, first_run, tmp_path, strategy):
+def test_ewc_and_joint_reload_the_earlier_data_from_the_recorded_specs(folders, first_run, tmp_path,
+                                                                       strategy):
     new = tmp_path / strategy
     result = fit("vae", "--data", str(folders[1]), "--out", str(new), "--continue-from", str(first_run),
                  "--strategy", strategy, *(["fisher_samples=4"] if strategy == "ewc" else []))
@@ -90,6 +92,6 @@ def test_clear_errors(folders, first_run, tmp_path):
     assert result.exit_code == 2 and "new run folder" in result.output
     conv = tmp_path / "conv"
     assert fit("conv_ae", *TINY, "--data", str(folders[0]), "--out", str(conv)).exit_code == 0
-    result = fit("conv_ae", "--data", str(folders[1]), "--out", str(tmp_path / "z"), "--continue-from", str(conv),
-                 "--strategy", "replay")
+    result = fit("conv_ae", "--data", str(folders[1]), "--out", str(tmp_path / "z"),
+                 "--continue-from", str(conv), "--strategy", "replay")
     assert result.exit_code == 2 and "no prior to sample from" in result.output

@@ -65,7 +65,9 @@ class ContinualLearner:
             x = self._prepare(task)
             self.strategy.begin_task(det, self.tasks_seen)
             det.optimizer_ = None  # a fresh Adam per task: a saved detector carries no optimiser state
-            det.train_more(self.strategy.training_data(x), step=self._step,
+            data = self.strategy.training_data(x)
+            det.train_more(data, epochs=self.strategy.task_epochs(det.epochs, len(x), len(data)),
+                           step=self._step,
                            desc=f"{det.name} {self.strategy.name} task {self.tasks_seen + 1}")
             det.threshold_ = None  # fitted on the previous model's scores: no longer valid
         self.memory_bytes.append(self.strategy.memory_bytes())

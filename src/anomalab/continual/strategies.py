@@ -71,6 +71,10 @@ class Strategy:
         """The images the task trains on, given the new task's prepared images x (N, C, H, W)."""
         return x
 
+    def task_epochs(self, epochs: int, n_new: int, n_train: int) -> int:
+        """Epochs over the training data for a task of n_new new images and n_train training images."""
+        return epochs
+
     def extend_batch(self, batch: Tensor) -> Tensor:
         return batch
 
@@ -99,12 +103,23 @@ class Finetune(Strategy):
 
 
 class Joint(Strategy):
-    """Upper bound: train on the union of all tasks seen so far. Keeps every earlier task's images."""
+    """Upper bound: train on the union of all tasks seen so far. Keeps every earlier task's images.
+
+    equal_steps False: `epochs` passes over the union (task i costs about i times a finetune task).
+    equal_steps True: round(epochs * n_new / n_union) passes (at least 1), so every task takes about the
+    same number of optimiser steps as the other strategies: the upper bound at equal compute."""
 
     name = "joint"
 
-    def __init__(self, memory: list[Tensor] | None = None):
+    def __init__(self, memory: list[Tensor] | None = None, equal_steps: bool = False):
         self.memory: list[Tensor] = list(memory or [])
+        self.equal_steps = equal_steps
+
+    def get_params(self) -> dict[str, Any]:
+        return {"equal_steps": self.equal_steps}
+
+    def task_epochs(self, epochs: int, n_new: int, n_train: int) -> int:
+        return max(1, round(epochs * n_new / n_train)) if self.equal_steps else epochs
 
     def needs_earlier_data(self) -> bool:
         return not self.memory

@@ -39,9 +39,9 @@ def _earlier_training_images(old_config: dict[str, Any], seed: int, calib_frac: 
     return ImageSet.concat(sets)
 
 
-def continue_run(detector: str, params: dict[str, Any], data_spec: str, out: str | Path, continue_from: str | Path,
-                 strategy: str | None = None, *, max_fpr: float = 0.01, calib_frac: float = 0.1,
-                 overwrite: bool = False, command: str | None = None,
+def continue_run(detector: str, params: dict[str, Any], data_spec: str, out: str | Path,
+                 continue_from: str | Path, strategy: str | None = None, *, max_fpr: float = 0.01,
+                 calib_frac: float = 0.1, overwrite: bool = False, command: str | None = None,
                  figures: bool = True) -> tuple[Any, Any, Path]:
     """Load the detector saved in `continue_from`, learn `data_spec`'s normal images as a new task with
     `strategy` (default: the old run's, else replay), refit the threshold on held-out new normals,
