@@ -15,6 +15,10 @@ CONTRACT_PARAMS: dict[str, dict] = {
     "vae": dict(latent_dim=16, epochs=30, batch_size=16, lr=1e-2),
     "knn": dict(k=3),
     "pca": dict(n_components=8),
+    "anogan": dict(latent_dim=8, width=8, epochs=20, batch_size=4, lr=5e-3, n_steps=30, latent_lr=0.1),
+    "egbad": dict(latent_dim=16, epochs=4, batch_size=8, lr=3e-3),
+    "ganomaly": dict(latent_dim=16, width=8, epochs=10, batch_size=8, lr=5e-3),
+    "skip_ganomaly": dict(width=8, epochs=10, batch_size=8, lr=2e-3),
 }
 AUROC_FLOOR = 0.8  # the anomalies are a bright square plus noise: any working detector separates them
 

@@ -13,6 +13,10 @@ REGISTRY: dict[str, str] = {
     "vae": "anomalab.detectors.vae:VAE",
     "knn": "anomalab.detectors.knn:KNN",
     "pca": "anomalab.detectors.pca:PCA",
+    "anogan": "anomalab.detectors.anogan:AnoGAN",
+    "egbad": "anomalab.detectors.egbad:EGBAD",
+    "ganomaly": "anomalab.detectors.ganomaly:GANomaly",
+    "skip_ganomaly": "anomalab.detectors.skip_ganomaly:SkipGANomaly",
 }
 
 

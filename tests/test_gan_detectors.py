@@ -1,0 +1,114 @@
+"""GAN nets and procedures: shapes at several sizes, GANomaly's D re-initialisation, AnoGAN's batched
+latent search, EGBAD's weight averages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import anomalab.detectors.ganomaly as ganomaly_module
+from anomalab.detectors._gan import power_of_two_size, to_signed
+from anomalab.detectors.anogan import anogan_loss, latent_search
+from anomalab.detectors.egbad import EGBAD
+from anomalab.detectors.ganomaly import GANomaly
+from anomalab.nets.bigan import BiGANDiscriminator, BiGANEncoder, BiGANGenerator
+from anomalab.nets.dcgan import DCDecoder, DCDiscriminator, DCEncoder
+from anomalab.nets.unet import UNetGenerator
+
+
+@pytest.mark.parametrize("size, channels", [(16, 1), (32, 3), (64, 1)])
+def test_dcgan_and_unet_shapes(size, channels):
+    x = torch.rand(2, channels, size, size) * 2 - 1
+    assert DCEncoder(size, channels, 7, width=4)(x).shape == (2, 7, 1, 1)
+    out = DCDecoder(size, channels, 7, width=4)(torch.randn(2, 7))
+    assert out.shape == (2, channels, size, size) and out.abs().max() <= 1
+    logit, feat = DCDiscriminator(size, channels, width=4)(x)
+    assert logit.shape == (2,) and feat.shape[-2:] == (4, 4)
+    assert UNetGenerator(size, channels, width=4)(x).shape == x.shape
+
+
+def test_nets_refuse_sizes_that_are_not_powers_of_two():
+    with pytest.raises(ValueError, match="power-of-two"):
+        DCEncoder(24, 1, 8)
+    with pytest.raises(ValueError, match="power-of-two"):
+        UNetGenerator(8, 1)
+
+
+def test_model_sizes():
+    assert power_of_two_size(28, 28) == 32
+    assert power_of_two_size(8, 8) == 16
+    assert power_of_two_size(100, 90) == 128
+    assert GANomaly()._model_shape((3, 28, 28)) == (3, 32, 32)
+    assert EGBAD()._model_shape((1, 28, 28)) == (1, 28, 28)
+
+
+@pytest.mark.parametrize("h, w", [(28, 28), (32, 32)])
+def test_bigan_shapes(h, w):
+    x = torch.rand(3, 1, h, w) * 2 - 1
+    z = BiGANEncoder(1, h, w, 5)(x)
+    assert z.shape == (3, 5)
+    assert BiGANGenerator(1, h, w, 5)(z).shape == x.shape
+    logit, feat = BiGANDiscriminator(1, h, w, 5)(x, z)
+    assert logit.shape == (3,) and feat.shape == (3, 1024)
+
+
+def test_ganomaly_fits_rgb_at_another_size():
+    det = GANomaly(latent_dim=4, width=4, epochs=1, batch_size=4)
+    det.progress = False
+    det.fit(torch.rand(8, 3, 60, 60))
+    assert det.input_shape_ == (3, 64, 64)
+    assert det.score(torch.rand(2, 3, 60, 60)).shape == (2,)
+    assert det.score_map(torch.rand(2, 3, 60, 60)).shape == (2, 60, 60)
+    assert det.reconstruct(torch.rand(2, 3, 60, 60)).shape == (2, 3, 64, 64)
+    z, z_hat = det.latents(torch.rand(2, 3, 60, 60))
+    assert z.shape == z_hat.shape == (2, 4)
+
+
+def _one_step(monkeypatch, collapse: float):
+    monkeypatch.setattr(ganomaly_module, "D_COLLAPSE", collapse)
+    det = GANomaly(latent_dim=4, width=4, epochs=1, batch_size=4)
+    det.input_shape_ = (1, 16, 16)
+    det._build(det.input_shape_)
+    det.optimizers_ = det._make_optimizers()
+    torch.manual_seed(0)
+    logs = det._train_step(to_signed(torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(1))))
+    return logs, det.discriminator_.head.weight.detach().clone()
+
+
+def test_ganomaly_reinitialises_d_only_when_its_loss_collapses(monkeypatch):
+    logs, after_step = _one_step(monkeypatch, 1e-5)
+    assert logs["d_reinit"] == 0.0 and logs["loss_d"] > 1e-5
+    logs, after_reinit = _one_step(monkeypatch, 1e9)  # every loss counts as collapsed
+    assert logs["d_reinit"] == 1.0
+    assert not torch.allclose(after_step, after_reinit)
+    assert after_reinit.std().item() == pytest.approx(0.02, rel=0.3)  # a fresh N(0, 0.02) draw
+
+
+def test_anogan_batched_search_equals_one_row_at_a_time():
+    torch.manual_seed(0)
+    g = DCDecoder(16, 1, 6, width=4).eval()
+    d = DCDiscriminator(16, 1, width=4).eval()
+    for p in [*g.parameters(), *d.parameters()]:
+        p.requires_grad_(False)
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    z0 = torch.randn(3, 6)
+    z, score, x_hat = latent_search(g, lambda t: d(t)[1], x, z0, n_steps=15, lam=0.1, lr=0.05)
+    for i in range(3):
+        zi, si, _ = latent_search(g, lambda t: d(t)[1], x[i : i + 1], z0[i : i + 1], n_steps=15, lam=0.1, lr=0.05)
+        torch.testing.assert_close(zi[0], z[i], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(si[0], score[i], rtol=1e-4, atol=1e-4)
+    before = anogan_loss(x, g(z0), d(x)[1], d(g(z0))[1], 0.1)
+    assert (score < before).all()  # the search lowers every row's loss
+    assert all(p.grad is None for p in g.parameters())
+
+
+def test_egbad_averages_weights_with_warm_up():
+    det = EGBAD(latent_dim=4, epochs=1, batch_size=4, lr=1e-3)
+    det.input_shape_ = (1, 8, 8)
+    det._build(det.input_shape_)
+    det.optimizers_ = det._make_optimizers()
+    start = det.encoder_ema_.net[0].weight.detach().clone()
+    det._train_step(torch.rand(4, 1, 8, 8) * 2 - 1)
+    live = det.encoder_.net[0].weight.detach()
+    assert not torch.equal(live, start)
+    torch.testing.assert_close(det.encoder_ema_.net[0].weight, 0.1 * start + 0.9 * live)  # decay 0.1 at t=0
