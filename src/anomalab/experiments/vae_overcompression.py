@@ -50,8 +50,10 @@ def main(argv: list[str] | None = None) -> dict:
         }
     out = s1.Path(args.out)
     pred3 = clf.predict(recons[3].flatten(1).numpy())
-    wrong = np.flatnonzero(ok & (pred3 != y))[:6].tolist()
-    right = np.flatnonzero(ok & (pred3 == y))[: 12 - len(wrong)].tolist()
+    # one example per digit: first those the z=3 output keeps, then those it turns into another digit
+    wrong = [int(i[0]) for d in range(10) if len(i := np.flatnonzero(ok & (pred3 != y) & (y == d)))][:6]
+    right = [int(i[0]) for d in range(10) if len(i := np.flatnonzero(ok & (pred3 == y) & (y == d)))]
+    right = right[: 12 - len(wrong)]
     idx = right + wrong
     titles = [f"{y[i]}->{pred3[i]}" for i in idx]
     image_grid([("unseen input", unseen.images[idx]), ("z=64 output", recons[64][idx]),
