@@ -3,11 +3,12 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from anomalab.data.dsprites import DSprites, added_set
+from anomalab.data.dsprites import ColouredDSprites, DSprites, added_factors
 from anomalab.detector import LoadError
 from anomalab.detectors.beta_vaegan import BetaVAE, BetaVAEGAN
 from anomalab.detectors.beta_vaegan import losses as L
 from anomalab.detectors.beta_vaegan.nets import Decoder64, Discriminator64, Encoder64
+from anomalab.types import ImageSet
 
 torch.set_num_threads(1)
 
@@ -76,8 +77,8 @@ def teacher():
 
 @pytest.fixture(scope="module")
 def added():
-    a = added_set()
-    return a.subset(np.arange(0, len(a), 97))
+    f = added_factors()[::97]
+    return ImageSet(images=ColouredDSprites().images_from_factors(f), labels=np.ones(len(f), dtype=np.int64))
 
 
 def test_teacher_trains_deterministically_and_round_trips(teacher, tmp_path):
@@ -140,7 +141,7 @@ def test_generate_command_writes_pseudo_anomalies(teacher, added, tmp_path):
 
 
 def test_teacher_kl_warmup_ramps_beta():
-    t = BetaVAE(beta=4.0, kl_warmup_steps=10, steps=0)
+    t = BetaVAE(beta=4.0, kl_warmup_steps=10, steps=0, batch_size=2)
     t.fit(steps=0)
     assert t.beta_now == 0.0
     t.progress = False

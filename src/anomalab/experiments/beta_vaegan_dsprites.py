@@ -178,7 +178,7 @@ def student_stage(args, res: Results, teacher: BetaVAE, gamma: float, seed: int)
     path = args.out / stage
     if (path / "model.json").is_file():
         student = BetaVAEGAN.load(path, device=args.device)
-        student.teacher_, student.added_, student.original_ = teacher, added_set().images, WhiteDSprites()
+        student.set_training_data(teacher, added_set())
     else:
         student = BetaVAEGAN(**{**STUDENT, "steps": args.student_steps}, gamma=gamma, seed=seed,
                              device=args.device)

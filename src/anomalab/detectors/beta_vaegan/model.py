@@ -122,20 +122,24 @@ class BetaVAEGAN(LatentModel):
             raise ValueError(f"teacher has latent_dim {teacher.latent_dim}, student expects {self.latent_dim}")
         if added.images.shape[1:] != (self.channels, 64, 64):
             raise ValueError(f"added images must be (N, 3, 64, 64), got {tuple(added.images.shape)}")
-        self.teacher_ = teacher
-        self.added_ = added.images
-        self.original_ = original or WhiteDSprites()
+        self.set_training_data(teacher, added, original)
         self._start()
         if self.init_from_teacher:
             self._init_from(teacher)
         self.train_more(self.steps if steps is None else steps)
         return self
 
+    def set_training_data(self, teacher: BetaVAE, added: ImageSet, original: WhiteDSprites | None = None) -> None:
+        """Attach the teacher and data (used by `fit`, and to train a loaded student further)."""
+        self.teacher_ = teacher
+        self.added_ = (added.images * 255).round().to(torch.uint8)  # 4x smaller; the colour levels are exact
+        self.original_ = original or WhiteDSprites()
+
     def _draw(self, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
         n_add = int(round(self.batch_size * self.added_frac))
         n_orig = self.batch_size - n_add
         x_orig = self.original_.sample(n_orig, rng)[0]
-        x_add = self.added_[torch.from_numpy(rng.integers(0, len(self.added_), size=n_add))]
+        x_add = self.added_[torch.from_numpy(rng.integers(0, len(self.added_), size=n_add))].float() / 255
         y = torch.cat([torch.zeros(n_orig, dtype=torch.long), torch.ones(n_add, dtype=torch.long)])
         return torch.cat([x_orig, x_add]), y
 
