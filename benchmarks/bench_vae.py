@@ -76,6 +76,17 @@ def main() -> None:
     for _ in range(args.repeats):
         toolkit_score.append(timed(lambda: det.score(x)))
         plain_score_s.append(timed(lambda: plain_score(enc, dec, x, det.score_batch_size)))
+    onnx_rate = None
+    try:
+        import tempfile
+
+        from anomalab.export import OnnxScorer, export_onnx
+
+        with tempfile.TemporaryDirectory() as tmp:
+            scorer = OnnxScorer(export_onnx(det, f"{tmp}/vae.onnx"), threads=args.threads)
+            onnx_rate = len(x) / min(timed(lambda: scorer.score(x)) for _ in range(args.repeats))
+    except ImportError:
+        pass
     one_at_a_time = timed(lambda: [det.score(x[i : i + 1]) for i in range(500)]) / 500 * len(x)
     assert torch.allclose(det.score(x), plain_score(enc, dec, x, 256), atol=1e-6)
 
@@ -90,6 +101,9 @@ def main() -> None:
     print(f"{'':24s}{'anomalab img/s':>16s}{'plain torch img/s':>20s}{'ratio':>8s}")
     for name, ours, plain in rows:
         print(f"{name:24s}{ours:16.0f}{plain:20.0f}{ours / plain:8.2f}")
+    if onnx_rate is not None:
+        print(f"{'score (ONNX Runtime)':24s}{onnx_rate:16.0f}{'':20s}"
+              f"{onnx_rate / rows[1][1]:8.2f}  (vs batched anomalab)")
     print(f"{'score one at a time':24s}{len(x) / one_at_a_time:16.0f}{'':20s}"
           f"{(len(x) / one_at_a_time) / rows[1][1]:8.2f}  (vs batched anomalab)")
 

@@ -83,6 +83,11 @@ def test_fit_score_evaluate_report_round_trip(tree, tmp_path):
     code, text = run("report", out, out, "--out", tmp_path / "both.html")
     assert code == 0 and (tmp_path / "both.html").is_file()
 
+    code, text = run("export", out, "--out", tmp_path / "m.onnx")
+    assert code == 0 and (tmp_path / "m.onnx").is_file() and (tmp_path / "onnx.json").is_file()
+    code, text = run("export", out, "--out", tmp_path / "m.onnx")
+    assert code == 2 and "--overwrite" in text
+
 
 def test_existing_run_is_not_overwritten(tree, tmp_path):
     out = tmp_path / "run"

@@ -206,6 +206,21 @@ def report(run_dirs, out, title) -> None:
     click.echo(f"report: {write_report(run_dirs, out, title=title)}")
 
 
+@main.command("export")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="ONNX file to write (model.onnx).")
+@click.option("--overwrite", is_flag=True, help="replace an existing file.")
+def export_cmd(run_dir, out, overwrite) -> None:
+    """Export the scoring of the detector saved in RUN_DIR to ONNX (scores and maps), with onnx.json beside
+    it; run it with onnxruntime via anomalab.export.OnnxScorer. Needs `pip install anomalab[onnx]`."""
+    from anomalab.export import export_onnx
+    from anomalab.registry import load
+
+    if Path(out).exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    click.echo(f"onnx: {export_onnx(load(run_dir), out)}")
+
+
 @main.group("make-dataset")
 def make_dataset() -> None:
     """Build a dataset on disk in the MVTec AD layout."""

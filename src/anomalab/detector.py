@@ -85,6 +85,7 @@ class BaseDetector:
     _fitted_tensors: ClassVar[tuple[str, ...]] = ()
     _fitted_json: ClassVar[tuple[str, ...]] = ("history_",)
     score_batch_size: ClassVar[int] = 256
+    onnx_exportable: ClassVar[bool] = False  # True where _score_batch/_map_batch trace to ONNX (export.py)
 
     # ---- parameters -------------------------------------------------------------------------
     @classmethod

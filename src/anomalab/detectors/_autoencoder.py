@@ -14,6 +14,7 @@ from anomalab.types import ImageSet
 
 class ReconstructionDetector(BaseDetector):
     progress: bool = True
+    onnx_exportable = True
 
     def _model_shape(self, data_shape: tuple[int, int, int]) -> tuple[int, int, int]:
         c, h, w = data_shape

@@ -19,6 +19,7 @@ class KNN(BaseDetector):
     a map: |x - mean of its k nearest training images|."""
 
     name = "knn"
+    onnx_exportable = True
     _fitted_tensors = ("train_features_",)
     score_batch_size = 512
 

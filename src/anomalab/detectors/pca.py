@@ -15,6 +15,7 @@ class PCA(BaseDetector):
     principal subspace of the training pixels, higher = more anomalous; map = |x - x_hat|."""
 
     name = "pca"
+    onnx_exportable = True
     _fitted_tensors = ("mean_", "components_")
 
     def __init__(self, n_components: int = 32, seed: int = 0, device: str = "cpu"):
