@@ -19,6 +19,8 @@ CONTRACT_PARAMS: dict[str, dict] = {
     "egbad": dict(latent_dim=16, epochs=4, batch_size=8, lr=3e-3),
     "ganomaly": dict(latent_dim=16, width=8, epochs=10, batch_size=8, lr=5e-3),
     "skip_ganomaly": dict(width=8, epochs=10, batch_size=8, lr=2e-3),
+    "gaussian": dict(image_size=64),
+    "metric": dict(image_size=32, embedding_dim=16, train_blocks=2, epochs=3, batch_size=16),
 }
 AUROC_FLOOR = 0.8  # the anomalies are a bright square plus noise: any working detector separates them
 

@@ -17,6 +17,8 @@ REGISTRY: dict[str, str] = {
     "egbad": "anomalab.detectors.egbad:EGBAD",
     "ganomaly": "anomalab.detectors.ganomaly:GANomaly",
     "skip_ganomaly": "anomalab.detectors.skip_ganomaly:SkipGANomaly",
+    "gaussian": "anomalab.detectors.gaussian:Gaussian",
+    "metric": "anomalab.detectors.metric:Metric",
 }
 
 
