@@ -74,8 +74,15 @@ def test_fit_score_evaluate_report_round_trip(tree, tmp_path):
     assert len(rows) == 7
     assert [r["verdict"] for r in rows[:6]] == ["anomalous"] * 6 and rows[6]["verdict"] == "normal"
 
+    assert rows[0]["name"] == str(tree / "test" / "scratch" / "000.png")
+
     code, text = run("score", out, tree / "test" / "good", "--format", "json")
     assert code == 0 and json.loads(text)["threshold"]["max_fpr"] == 0.01
+    folders = (tree / "test" / "good", tree / "test" / "scratch")
+    halves = [run("score", out, *folders, "--shard", f"{k}/2")[1] for k in (0, 1)]
+    names = [[r["name"] for r in csv.DictReader(io.StringIO(h))] for h in halves]
+    assert len(names[0]) == len(names[1]) == 6
+    assert sorted(names[0] + names[1]) == sorted(str(p) for p in (tree / "test").rglob("*.png"))
 
     code, text = run("evaluate", out, "--data", tree, "--normalize", "minmax")
     assert code == 0 and "image_auroc\t1.0000" in text

@@ -130,27 +130,50 @@ def _collect_images(paths: tuple[str, ...]) -> list[Path]:
     return files
 
 
+SCORE_CHUNK = 256  # files read per step, so a folder of any size scores in bounded memory
+
+
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("images", nargs=-1, required=True)
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="write here instead of stdout.")
 @click.option("--strict", is_flag=True, help="fail on an unreadable file instead of skipping it.")
+@click.option("--shard", default=None, metavar="K/N",
+              help="score only every N-th file starting at K (0-based), to split a folder over processes.")
 @click.option("--overwrite", is_flag=True, help="replace an existing --out file.")
-def score(run_dir, images, fmt, out, strict, overwrite) -> None:
-    """Score IMAGES (files or folders) with the detector saved in RUN_DIR: name, score, verdict."""
+def score(run_dir, images, fmt, out, strict, shard, overwrite) -> None:
+    """Score IMAGES (files or folders) with the detector saved in RUN_DIR: name, score, verdict.
+
+    Files are read and scored in chunks of 256, so folders of any size fit in memory; `--shard 0/4` ...
+    `--shard 3/4` split the files over four processes or machines."""
     from anomalab.data.folder import Sample, load_samples
     from anomalab.registry import load
 
     if out and Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     det = load(run_dir)
-    data = load_samples([Sample(p) for p in _collect_images(images)], on_error="raise" if strict else "skip",
-                        name="score")
-    scores = det.score(data.images).tolist()
+    files = _collect_images(images)
+    if shard:
+        k, n = (int(v) for v in shard.split("/"))
+        if not 0 <= k < n:
+            raise ValueError(f"--shard K/N needs 0 <= K < N, got {shard}")
+        files = files[k::n]
     thr = det.threshold_
-    verdicts = [""] * len(scores) if thr is None else ["anomalous" if s > thr.value else "normal" for s in scores]
-    rows = [{"name": n, "score": s, "verdict": v} for n, s, v in zip(data.names, scores, verdicts)]
+    rows = []
+    for i in range(0, len(files), SCORE_CHUNK):
+        chunk = [Sample(p) for p in files[i : i + SCORE_CHUNK]]
+        try:
+            data = load_samples(chunk, on_error="raise" if strict else "skip", name="score")
+        except ValueError:
+            if strict:
+                raise
+            continue  # every file of the chunk was unreadable; each was logged
+        kept = iter(chunk)
+        paths = [next(s.path for s in kept if n.endswith("/" + s.path.name)) for n in data.names]
+        for path, value in zip(paths, det.score(data.images).tolist()):
+            verdict = "" if thr is None else ("anomalous" if value > thr.value else "normal")
+            rows.append({"name": str(path), "score": value, "verdict": verdict})
     stream = open(out, "w", newline="") if out else sys.stdout
     try:
         if fmt == "json":
