@@ -70,7 +70,7 @@ class Metric(BaseDetector):
     name = "metric"
     _fitted_tensors = ("train_embeddings_",)
     _fitted_json = ("history_", "num_classes_")
-    score_batch_size = 64
+    score_batch_size = 16  # CPU: batches beyond ~16 get slower per image (memory-bound depthwise convs)
     progress: bool = True  # tqdm bar during training
 
     def __init__(
