@@ -95,3 +95,13 @@ def test_clear_errors(folders, first_run, tmp_path):
     result = fit("conv_ae", "--data", str(folders[1]), "--out", str(tmp_path / "z"),
                  "--continue-from", str(conv), "--strategy", "replay")
     assert result.exit_code == 2 and "no prior to sample from" in result.output
+
+
+def test_folder_sequence_reads_one_task_per_folder(folders):
+    from anomalab.continual import folder_sequence
+
+    seq = folder_sequence(folders)
+    assert seq.names == ["digit1", "digit2"] and [len(t) for t in seq.tasks] == [24, 24]
+    assert seq.tasks[0].shape == (1, 28, 28)
+    with pytest.raises(ValueError, match="no held-out test images"):
+        seq.test_after(0)
