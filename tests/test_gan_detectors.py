@@ -112,3 +112,16 @@ def test_egbad_averages_weights_with_warm_up():
     live = det.encoder_.net[0].weight.detach()
     assert not torch.equal(live, start)
     torch.testing.assert_close(det.encoder_ema_.net[0].weight, 0.1 * start + 0.9 * live)  # decay 0.1 at t=0
+
+
+def test_bn_recalibration_averages_training_batches_with_final_weights():
+    det = GANomaly(latent_dim=4, width=4, epochs=1, batch_size=4, bn_recalibrate=True)
+    det.progress = False
+    x = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    det.fit(x)
+    enc = det.generator_.encoder1.features
+    bn = enc[3]
+    with torch.no_grad():
+        h = enc[:3](to_signed(x))  # the input of encoder1's first BatchNorm, final weights
+    torch.testing.assert_close(bn.running_mean, h.mean((0, 2, 3)), rtol=1e-4, atol=1e-6)
+    assert bn.momentum == 0.1 and int(bn.num_batches_tracked) == 2

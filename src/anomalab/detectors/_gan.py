@@ -10,7 +10,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from anomalab.detector import BaseDetector
 from anomalab.train.loop import Batches, run_epochs, seed_everything
@@ -92,6 +92,31 @@ class GANDetector(BaseDetector):
         loader = Batches(data, self.batch_size, shuffle=True, generator=generator)
         self.history_ += run_epochs(self._train_step, loader, self.epochs if epochs is None else epochs,
                                     progress=self.progress, desc=f"{self.name} fit")
+        if getattr(self, "bn_recalibrate", False):
+            self.recalibrate_bn(data)
+
+    @torch.no_grad()
+    def recalibrate_bn(self, data: Tensor) -> None:
+        """Re-estimate every BatchNorm's running statistics with the final weights: one pass of the training
+        forward (`_bn_forward`) over the training images `data` in [-1, 1], cumulative averages. During
+        training the running averages (momentum 0.1) trail weights that move fast; this uses training
+        images only, so it stays an honest evaluation."""
+        nets = list(self._nets().values())
+        bns = [m for net in nets for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average over the pass
+        for net in nets:
+            net.train()
+        for batch in Batches(data, self.batch_size, shuffle=False):
+            self._bn_forward(batch)
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
+
+    def _bn_forward(self, x: Tensor) -> None:
+        """The forward passes of one training step (batch in [-1, 1]), for `recalibrate_bn`."""
+        raise NotImplementedError(f"{self.name} does not support bn_recalibrate")
 
     def _reconstruct(self, x: Tensor) -> Tensor:
         raise NotImplementedError

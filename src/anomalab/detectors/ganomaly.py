@@ -55,7 +55,7 @@ class GANomaly(GANDetector):
 
     def __init__(self, latent_dim: int = 100, width: int = 64, w_adv: float = 1.0, w_con: float = 50.0,
                  w_enc: float = 1.0, epochs: int = 15, batch_size: int = 64, lr: float = 2e-4,
-                 beta1: float = 0.5, seed: int = 0, device: str = "cpu"):
+                 beta1: float = 0.5, bn_recalibrate: bool = False, seed: int = 0, device: str = "cpu"):
         self.latent_dim = latent_dim  # nz: size of z
         self.width = width  # ngf = ndf: channels of the first conv of every net
         self.w_adv = w_adv  # w_adv: weight of the adversarial (feature-matching) loss
@@ -65,6 +65,9 @@ class GANomaly(GANDetector):
         self.batch_size = batch_size
         self.lr = lr  # Adam learning rate of G and D
         self.beta1 = beta1  # Adam beta1 (beta2 = 0.999)
+        # Not in the paper: after training, re-estimate BatchNorm statistics on the training images with the
+        # final weights (see recalibrate_bn); False = the running averages of training, as the official code.
+        self.bn_recalibrate = bn_recalibrate
         self.seed = seed
         self.device = device
 
@@ -113,6 +116,11 @@ class GANomaly(GANDetector):
             d.apply(dcgan_init)
         return {"loss_g": loss_g.item(), **{k: v.item() for k, v in parts.items()}, "loss_d": d_loss,
                 "d_reinit": float(reinit)}
+
+    def _bn_forward(self, x: Tensor) -> None:
+        x_hat = self._reconstruct(x)
+        self.discriminator_(x)
+        self.discriminator_(x_hat)
 
     def _reconstruct(self, x: Tensor) -> Tensor:
         return self.generator_(x)[0]

@@ -42,7 +42,7 @@ class SkipGANomaly(GANDetector):
 
     def __init__(self, width: int = 64, w_adv: float = 1.0, w_con: float = 50.0, w_lat: float = 1.0,
                  lam: float = 0.9, epochs: int = 15, batch_size: int = 64, lr: float = 2e-4,
-                 beta1: float = 0.5, seed: int = 0, device: str = "cpu"):
+                 beta1: float = 0.5, bn_recalibrate: bool = False, seed: int = 0, device: str = "cpu"):
         self.width = width  # ngf = ndf
         self.w_adv = w_adv  # w_adv: weight of the adversarial BCE loss
         self.w_con = w_con  # w_con: weight of the contextual L1 loss (official code 50; paper 40)
@@ -52,6 +52,9 @@ class SkipGANomaly(GANDetector):
         self.batch_size = batch_size
         self.lr = lr  # Adam learning rate of G and D
         self.beta1 = beta1  # Adam beta1 (beta2 = 0.999)
+        # Not in the paper: after training, re-estimate BatchNorm statistics on the training images with the
+        # final weights (see recalibrate_bn); False = the running averages of training, as the official code.
+        self.bn_recalibrate = bn_recalibrate
         self.seed = seed
         self.device = device
 
@@ -89,6 +92,11 @@ class SkipGANomaly(GANDetector):
             d.apply(dcgan_init)
         return {"loss_g": loss_g.item(), **{k: v.item() for k, v in parts.items()}, "loss_d": d_loss,
                 "d_reinit": float(reinit)}
+
+    def _bn_forward(self, x: Tensor) -> None:
+        x_hat = self._reconstruct(x)
+        self.discriminator_(x)
+        self.discriminator_(x_hat)
 
     def _reconstruct(self, x: Tensor) -> Tensor:
         return self.generator_(x)
