@@ -61,6 +61,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--official-protocol", action="store_true",
                    help="also score GANomaly as its official code does (BatchNorm in train mode, best epoch "
                         "on the test set): test-set model selection, for comparison only")
+    p.add_argument("--bn-diagnostics", action="store_true",
+                   help="also score GANomaly with BatchNorm in train mode (test batches in the official label-"
+                        "sorted order and shuffled) and after re-estimating BatchNorm statistics on the "
+                        "training images: how much the score depends on the BatchNorm statistics")
     p.add_argument("--report-only", action="store_true", help="rebuild table and figures from results.jsonl")
     p.add_argument("--threads", type=int, default=1)
     return p.parse_args(argv)
@@ -124,6 +128,34 @@ def official_protocol_scores(det, x_train, test, epochs: int) -> list[float]:
     return aurocs
 
 
+def bn_diagnostics(det, train, test) -> dict[str, float]:
+    """GANomaly's AUROC under four BatchNorm treatments of the same fitted model (see --bn-diagnostics)."""
+    from anomalab.detectors._gan import to_signed
+    from anomalab.metrics import image_auroc
+
+    g, labels = det.generator_, test.labels.numpy()
+    x = prepare(test.images, det.input_shape_)
+
+    def auroc(train_mode: bool, order: torch.Tensor) -> float:
+        saved = {k: v.clone() for k, v in g.state_dict().items()}
+        g.train(train_mode)
+        s = torch.empty(len(x))
+        with torch.no_grad():
+            for i in range(0, len(x), 64):
+                s[order[i : i + 64]] = det._score_batch(x[order[i : i + 64]])
+        g.load_state_dict(saved)
+        g.eval()
+        return image_auroc(labels, s.numpy())
+
+    in_order = torch.arange(len(x))  # the test set lists normals first, then anomalies (official order)
+    shuffled = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    out = {"eval_running_stats": auroc(False, in_order), "train_bn_label_sorted_batches": auroc(True, in_order),
+           "train_bn_shuffled_batches": auroc(True, shuffled)}
+    det.recalibrate_bn(to_signed(prepare(train.images, det.input_shape_)))
+    out["eval_after_bn_reestimation"] = auroc(False, in_order)
+    return out
+
+
 def grid_figure(det, name: str, test, scores: np.ndarray, path: Path) -> None:
     """Input / reconstruction / map of the 3 highest-scored anomalies, the 3 lowest-scored (missed)
     anomalies and the 3 highest-scored normals (false alarms)."""
@@ -172,6 +204,8 @@ def run_cell(name: str, params: dict, limits: dict, train, test, args, out: Path
         score_histogram(ev.scores, ev.labels, out / "figures" / f"hist_{name}_digit{digit}.png",
                         title=f"{name}, anomaly digit {digit} (AUROC {row['image_auroc']:.3f})")
         grid_figure(det, name, test, ev.scores, out / "figures" / f"grid_{name}_digit{digit}.png")
+    if args.bn_diagnostics and name == "ganomaly":
+        row["bn_diagnostics"] = bn_diagnostics(det, train, test)
     if args.official_protocol and name == "ganomaly":
         epochs = params.get("epochs", det.epochs)
         det2 = create(name, **{**params, "epochs": 1})
@@ -289,6 +323,14 @@ def report(results: Path, out: Path) -> dict:
             a = r["official_protocol_aurocs"]
             lines.append(f"| {r['digit']} | {r['seed']} | {', '.join(f'{v:.3f}' for v in a)} | {max(a):.3f} | "
                          f"{a[-1]:.3f} |")
+    diag = [r for r in rows if "bn_diagnostics" in r]
+    if diag:
+        keys = list(diag[0]["bn_diagnostics"])
+        lines += ["", "GANomaly AUROC of the same fitted model under four BatchNorm treatments:", "",
+                  "| digit | seed | budget | " + " | ".join(keys) + " |", "|---|---|---|" + "---|" * len(keys)]
+        for r in diag:
+            lines.append(f"| {r['digit']} | {r['seed']} | {r['budget']} | "
+                         + " | ".join(f"{r['bn_diagnostics'][k]:.3f}" for k in keys) + " |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     # Figures: per-digit AUROC bars (one budget per detector: the one with most cells), GANomaly losses.
     best = {}
