@@ -62,14 +62,28 @@ class _Moments:
     def update(self, x: Tensor) -> None:
         x = x.double()
         a = (x * x).sum(-1)
-        parts = (x.sum(0), torch.einsum("npi,npj->pij", x, x), a.sum(0), (a * a).sum(0),
-                 (a[..., None] * x).sum(0))
         if self.s1 is None:
-            self.s1, self.s2, self.sa, self.sa2, self.sax = parts
-        else:
-            for name, value in zip(("s1", "s2", "sa", "sa2", "sax"), parts):
-                getattr(self, name).add_(value)
+            p, d = x.shape[1:]
+            self.s1, self.s2 = x.new_zeros(p, d), x.new_zeros(p, d, d)
+            self.sa, self.sa2, self.sax = x.new_zeros(p), x.new_zeros(p), x.new_zeros(p, d)
+        xt = x.transpose(0, 1)  # (P, N, d)
+        self.s2.baddbmm_(xt.transpose(1, 2), xt)  # sum x x^T, accumulated in place (no (P, d, d) temporary)
+        self.s1.add_(x.sum(0))
+        self.sa.add_(a.sum(0))
+        self.sa2.add_((a * a).sum(0))
+        self.sax.add_((a[..., None] * x).sum(0))
         self.n += len(x)
+
+    def precision(self, chunk: int = 64) -> Tensor:
+        """(P, d, d) float32 inverse Ledoit-Wolf covariances, computed `chunk` positions at a time so the
+        float64 temporaries stay small."""
+        out = torch.empty(self.s2.shape, dtype=torch.float32)
+        for i in range(0, len(self.s2), chunk):
+            sl = slice(i, i + chunk)
+            cov = ledoit_wolf_from_moments(self.n, self.s1[sl], self.s2[sl], self.sa[sl], self.sa2[sl],
+                                           self.sax[sl])
+            out[sl] = torch.linalg.inv(cov).float()
+        return out
 
 
 def _mahalanobis(f: Tensor, mean: Tensor, precision: Tensor) -> Tensor:
@@ -188,10 +202,8 @@ class Gaussian(BaseDetector):
         self.precisions_ = torch.cat(precisions).to(self.device_)
         self.patch_mean_ = self.patch_precision_ = None
         if moments is not None:
-            cov = ledoit_wolf_from_moments(moments.n, moments.s1, moments.s2, moments.sa, moments.sa2,
-                                           moments.sax)
             self.patch_mean_ = (moments.s1 / moments.n).float().to(self.device_)
-            self.patch_precision_ = torch.linalg.inv(cov).float().to(self.device_)
+            self.patch_precision_ = moments.precision().to(self.device_)
         self._split_levels()
         self.n_train_ = n
         self.history_ = []
