@@ -224,12 +224,13 @@ def main(argv: list[str] | None = None) -> None:
     def key(r):
         return (r["experiment"], r["head"], r["seed"], r["image_size"], r["train_blocks"], r["epochs"])
 
-    done = {key(r) for r in rows}
     for exp in args.experiments:
         for head in [h for h in EXPERIMENT_HEADS[exp] if args.heads is None or h in args.heads]:
             for seed in args.seeds:
                 epochs = 0 if exp == 0 else args.epochs
-                if (exp, head, seed, args.image_size, args.train_blocks, epochs) in done:
+                if jsonl.is_file():  # re-read: another process may share the folder and have done the cell
+                    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+                if (exp, head, seed, args.image_size, args.train_blocks, epochs) in {key(r) for r in rows}:
                     continue
                 log.info("experiment %d (%s), head %s, seed %d", exp, EXPERIMENTS[exp], head, seed)
                 new = run_cell(exp, head, seed, data, args)
