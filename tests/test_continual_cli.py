@@ -90,6 +90,9 @@ def test_clear_errors(folders, first_run, tmp_path):
     assert result.exit_code == 2 and "'vae' detector, not 'conv_ae'" in result.output
     result = fit("vae", "--data", str(folders[1]), "--out", str(first_run), "--continue-from", str(first_run))
     assert result.exit_code == 2 and "new run folder" in result.output
+    result = fit("vae", "latent_dim=16", "--data", str(folders[1]), "--out", str(tmp_path / "w"),
+                 "--continue-from", str(first_run), "--strategy", "ewc")
+    assert result.exit_code == 2 and "['latent_dim'] cannot change" in result.output
     conv = tmp_path / "conv"
     assert fit("conv_ae", *TINY, "--data", str(folders[0]), "--out", str(conv)).exit_code == 0
     result = fit("conv_ae", "--data", str(folders[1]), "--out", str(tmp_path / "z"),

@@ -12,6 +12,7 @@ The new run's config.json records `continual`: strategy, the old run, and every 
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import sys
@@ -62,7 +63,12 @@ def continue_run(detector: str, params: dict[str, Any], data_spec: str, out: str
     if strategy not in STRATEGIES:
         raise StrategyError(f"unknown strategy '{strategy}'; known: {', '.join(STRATEGIES)}")
     training = {k: params.pop(k) for k in ("epochs", "lr", "batch_size") if k in params}
-    learner = ContinualLearner.load(old, strategy, **params)  # unknown params fail here (TypeError)
+    allowed = [p for p in inspect.signature(STRATEGIES[strategy]).parameters if p != "memory"]
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(f"with --continue-from, parameters {unknown} cannot change; allowed: epochs, lr, "
+                         f"batch_size{''.join(', ' + p for p in allowed)}")
+    learner = ContinualLearner.load(old, strategy, **params)
     det = learner.detector
     if det.name != detector:
         raise ValueError(f"{old} holds a '{det.name}' detector, not '{detector}'")

@@ -77,6 +77,19 @@ def make_sequence(args: argparse.Namespace, seed: int):
     return mnist_digit_sequence(load_mnist(), test_frac=TEST_FRAC, seed=seed)
 
 
+def ink_auroc(args: argparse.Namespace, seed: int) -> list[float]:
+    """AUROC after each task of a detector that learns nothing: score = mean(x^2), the reconstruction
+    MSE of an all-black output. 0s carry more ink than most digits, so this is the floor to beat."""
+    from anomalab.metrics import image_auroc
+
+    seq = make_sequence(args, seed)
+    out = []
+    for i in range(len(seq)):
+        test = seq.test_after(i)
+        out.append(image_auroc(test.labels.numpy(), test.images.pow(2).flatten(1).mean(1).numpy()))
+    return out
+
+
 def strategy_params(name: str, args: argparse.Namespace) -> dict:
     if name == "ewc":
         return {"ewc_lambda": args.ewc_lambda, "fisher_samples": args.fisher_samples}
@@ -149,12 +162,12 @@ def load_done(path: Path, args: argparse.Namespace) -> dict[tuple[str, int], dic
     return done
 
 
-def mean_std(values) -> str:
+def mean_std(values, digits: int = 3) -> str:
     values = np.asarray(values, dtype=float)
-    return f"{values.mean():.3f} ± {values.std():.3f}"
+    return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}"
 
 
-def write_table(records: dict, args: argparse.Namespace, out: Path) -> str:
+def write_table(records: dict, ink: dict[int, list[float]], args: argparse.Namespace, out: Path) -> str:
     strategies = [s for s in args.strategies if any(k[0] == s for k in records)]
     seeds = sorted({k[1] for k in records})
     any_rec = next(iter(records.values()))
@@ -170,14 +183,19 @@ def write_table(records: dict, args: argparse.Namespace, out: Path) -> str:
         recs = [records[(s, seed)] for seed in seeds if (s, seed) in records]
         cells = [mean_std([r["auroc"][i] for r in recs]) for i in range(len(tasks))]
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    cells = [mean_std([ink[seed][i] for seed in seeds]) for i in range(len(tasks))]
+    lines.append("| ink (no training: score = mean x²) | " + " | ".join(cells) + " |")
     first = tasks[0]
     lines += ["", f"Forgetting: AUROC of digit {first} (the first task) vs digit 0, right after task 1 and "
               "after the last task, and the drop averaged over every earlier digit d (AUROC of d vs 0 right "
-              "after task d minus after the last task); memory kept while training the last task; "
-              "training time per seed.", "",
+              "after task d minus after the last task); reconstruction MSE of held-out digits: of each digit "
+              "right after its task (learning) and of all normal digits after the last task (memory); memory "
+              "kept while training the last task; training time per seed.", "",
               f"| strategy | final AUROC (all digits) | digit-{first} AUROC after task 1 | after last task | "
-              "mean forgetting, earlier digits | memory kept | train s / seed |",
-              "|---|---|---|---|---|---|---|"]
+              "mean forgetting, earlier digits | MSE of digit d after task d | "
+              "MSE of digits 1-9 at the end | "
+              "memory kept | train s / seed |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for s in strategies:
         recs = [records[(s, seed)] for seed in seeds if (s, seed) in records]
         a1 = [r["digit_auroc"][0][first] for r in recs]
@@ -188,15 +206,18 @@ def write_table(records: dict, args: argparse.Namespace, out: Path) -> str:
         what = {"joint": "earlier tasks' images", "replay": "decoder copy", "ewc": "Fisher + anchor",
                 "finetune": "nothing"}[s]
         final = mean_std([r["auroc"][-1] for r in recs])
+        learned = [np.mean([r["digit_score"][k][t] for k, t in enumerate(tasks)]) for r in recs]
+        kept = [np.mean([r["digit_score"][-1][t] for t in tasks]) for r in recs]
         lines.append(f"| {s} | {final} | {mean_std(a1)} | {mean_std(a9)} | "
-                     f"{mean_std(drop)} | {mem / 1e6:.3f} MB ({what}) | "
+                     f"{mean_std(drop)} | {mean_std(learned, 4)} | {mean_std(kept, 4)} | "
+                     f"{mem / 1e6:.3f} MB ({what}) | "
                      f"{np.mean([sum(r['task_s']) for r in recs]):.0f} |")
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     return text
 
 
-def make_figures(records: dict, args: argparse.Namespace, out: Path) -> None:
+def make_figures(records: dict, ink: dict[int, list[float]], args: argparse.Namespace, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,6 +234,8 @@ def make_figures(records: dict, args: argparse.Namespace, out: Path) -> None:
         a = np.array([records[(s, seed)]["auroc"] for seed in seeds if (s, seed) in records])
         ax.plot(x, a.mean(0), marker="o", ms=3, label=s)
         ax.fill_between(x, a.mean(0) - a.std(0), a.mean(0) + a.std(0), alpha=0.2)
+    ax.plot(x, np.mean([ink[seed] for seed in seeds], axis=0), color="grey", ls="--", lw=1,
+            label="ink (no training)")
     ax.set_xticks(x, [f"{t}" for t in tasks])
     ax.set_xlabel("after task (digit learned)")
     ax.set_ylabel("image AUROC (0 vs digits seen)")
@@ -271,8 +294,9 @@ def main(argv: list[str] | None = None) -> dict:
                 f.write(json.dumps(rec) + "\n")
             done[(strategy, seed)] = rec
     records = {k: v for k, v in done.items() if k[0] in args.strategies and k[1] in args.seeds}
-    text = write_table(records, args, out)
-    make_figures(records, args, out)
+    ink = {seed: ink_auroc(args, seed) for seed in sorted({k[1] for k in records})}
+    text = write_table(records, ink, args, out)
+    make_figures(records, ink, args, out)
     sys.stdout.write(text)
     return records
 
