@@ -173,15 +173,19 @@ def args_quick(args):
     return quick
 
 
+def _student_stage_name(gamma: float, seed: int, warmup: int) -> str:
+    return f"student_g{gamma:g}_s{seed}" + (f"_w{warmup}" if warmup else "")
+
+
 def student_stage(args, res: Results, teacher: BetaVAE, gamma: float, seed: int) -> BetaVAEGAN:
-    stage = f"student_g{gamma:g}_s{seed}"
+    stage = _student_stage_name(gamma, seed, args.student_warmup)
     path = args.out / stage
     if (path / "model.json").is_file():
         student = BetaVAEGAN.load(path, device=args.device)
         student.set_training_data(teacher, added_set())
     else:
         student = BetaVAEGAN(**{**STUDENT, "steps": args.student_steps}, gamma=gamma, seed=seed,
-                             device=args.device)
+                             kl_warmup_steps=args.student_warmup, device=args.device)
         student.progress = args.progress
         student.fit(teacher, added_set(), steps=0)
     student.progress = args.progress
@@ -194,6 +198,7 @@ def student_stage(args, res: Results, teacher: BetaVAE, gamma: float, seed: int)
                                          factor=5, dim=student.added_dim, num_votes=CORRESPONDENCE_VOTES,
                                          pool=pool)
         row = res.add({"stage": stage, "model": "student", "gamma": gamma, "seed": seed,
+                       "kl_warmup_steps": args.student_warmup,
                        "steps": student.steps_done_, "batch_size": student.batch_size,
                        "train_cpu_s": spent["cpu_s"], "train_wall_s": spent["wall_s"],
                        "d_acc_5": m5["eval_accuracy"], "d_acc_6": m6["eval_accuracy"], "correspondence": corr,
@@ -213,7 +218,8 @@ def traversal_figure(args, teacher: BetaVAE, student: BetaVAEGAN) -> Path:
     rows = [(f"teacher z{d + 1}", teacher.traverse(d, values, zt)) for d in range(teacher.latent_dim)]
     rows += [(f"student z{d + 1}", student.traverse(d, values, zs)) for d in range(student.encoder_.latent_dim)]
     return image_grid(rows, args.out / "traversal.png", col_titles=[f"{v:+.1f}" for v in values],
-                      title=f"latent traversals: teacher (top) vs student gamma={student.gamma:g} (bottom)")
+                      title=f"latent traversals: teacher (top) vs student gamma={student.gamma:g} (bottom)"
+                      + (f", beta warm-up {student.kl_warmup_steps}" if student.kl_warmup_steps else ""))
 
 
 def degree_stage(args, res: Results, students: dict[float, BetaVAEGAN]) -> None:
@@ -227,7 +233,7 @@ def degree_stage(args, res: Results, students: dict[float, BetaVAEGAN]) -> None:
     real_scores = detector.score(normal).numpy()
     curves = {}
     for gamma, student in students.items():
-        stage = f"degree_g{gamma:g}"
+        stage = f"degree_g{gamma:g}" + (f"_w{args.student_warmup}" if args.student_warmup else "")
         recon = student.decode(student.encode(normal))
         recon_scores = detector.score(recon).numpy()
         rows = []
@@ -241,7 +247,8 @@ def degree_stage(args, res: Results, students: dict[float, BetaVAEGAN]) -> None:
                          "auroc_vs_real": image_auroc(labels, np.r_[real_scores, s]), "redness": redness})
         curves[gamma] = rows
         if stage not in res:
-            res.add({"stage": stage, "gamma": gamma, "detector": "pca(n_components=32) on 2,000 white sprites",
+            res.add({"stage": stage, "gamma": gamma, "kl_warmup_steps": args.student_warmup,
+                     "detector": "pca(n_components=32) on 2,000 white sprites",
                      "n_images": N_DEGREE_IMAGES, "curve": rows})
     import matplotlib.pyplot as plt
 
@@ -279,15 +286,17 @@ def write_table(args, res: Results) -> str:
     if w:
         lines.append(f"| teacher option: beta warm-up over {w['kl_warmup_steps']} steps | {fmt(w['d_acc_5'])} | - | - "
                      f"| - | {w['steps']} x {w['batch_size']} | {w['train_cpu_s'] / 60:.1f} | {w['seed']} |")
-    for gamma in GAMMAS:
-        for seed in args.seeds:
-            r = res.rows.get(f"student_g{gamma:g}_s{seed}")
-            if not r:
-                continue
-            src = SOURCE_TABLE1[gamma]
-            lines.append(f"| student gamma={gamma:g} | {fmt(r['d_acc_5'])} | {fmt(r['d_acc_6'])} | "
-                         f"{fmt(r['correspondence'], '.2f')} | {src[0]:.3f} / {src[1]:.3f} / {src[2]:.2f} | "
-                         f"{r['steps']} x {r['batch_size']} | {r['train_cpu_s'] / 60:.1f} | {seed} |")
+    for warmup in sorted({0, args.student_warmup}):
+        for gamma in GAMMAS:
+            for seed in args.seeds:
+                r = res.rows.get(_student_stage_name(gamma, seed, warmup))
+                if not r:
+                    continue
+                src = SOURCE_TABLE1[gamma]
+                name = f"student gamma={gamma:g}" + (f", beta warm-up {warmup}" if warmup else "")
+                lines.append(f"| {name} | {fmt(r['d_acc_5'])} | {fmt(r['d_acc_6'])} | "
+                             f"{fmt(r['correspondence'], '.2f')} | {src[0]:.3f} / {src[1]:.3f} / {src[2]:.2f} | "
+                             f"{r['steps']} x {r['batch_size']} | {r['train_cpu_s'] / 60:.1f} | {seed} |")
     check = res.rows.get("teacher_pool_check")
     pool = (f"votes drawn from a pool of {args.pool_size:,} encoded images (pooled votes)" if args.pool_size
             else "exact sampling")
@@ -304,10 +313,11 @@ def write_table(args, res: Results) -> str:
     deg = [r for k, r in res.rows.items() if k.startswith("degree_g")]
     if deg:
         text += "\n| gamma | " + " | ".join(f"z6={d:g}" for d in DEGREES) + " |\n|---|" + "---|" * len(DEGREES) + "\n"
-        for r in sorted(deg, key=lambda r: r["gamma"]):
-            text += f"| {r['gamma']:g} (AUROC) | " + " | ".join(f"{c['auroc_vs_reconstruction']:.3f}"
+        for r in sorted(deg, key=lambda r: (r.get("kl_warmup_steps", 0), r["gamma"])):
+            g = f"{r['gamma']:g}" + (f", warm-up {r['kl_warmup_steps']}" if r.get("kl_warmup_steps") else "")
+            text += f"| {g} (AUROC) | " + " | ".join(f"{c['auroc_vs_reconstruction']:.3f}"
                                                            for c in r["curve"]) + " |\n"
-            text += f"| {r['gamma']:g} (redness) | " + " | ".join(f"{c['redness']:.2f}" for c in r["curve"]) + " |\n"
+            text += f"| {g} (redness) | " + " | ".join(f"{c['redness']:.2f}" for c in r["curve"]) + " |\n"
         text += ("\nAUROC of a PCA detector (32 components, fitted on 2,000 white sprites) separating "
                  f"{N_DEGREE_IMAGES} pseudo-anomalies at each degree from the student's unedited "
                  "reconstructions of the same sprites; redness = R - mean(G, B) on the input's sprite pixels "
@@ -332,6 +342,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--track", action="store_true", help="quick FactorVAE every 1,000 teacher steps")
     p.add_argument("--warmup-teacher", action="store_true",
                    help=f"also train and score a teacher with beta warm-up over {WARMUP_STEPS} steps (not distilled)")
+    p.add_argument("--student-warmup", type=int, default=0,
+                   help="students: beta of L_vae ramps up from 0 over this many steps (0 = off)")
     p.add_argument("--no-check-pool", dest="check_pool", action="store_false")
     p.add_argument("--no-figures", dest="figures", action="store_false")
     p.add_argument("--progress", action="store_true", help="progress bars")

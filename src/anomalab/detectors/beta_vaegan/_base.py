@@ -61,6 +61,14 @@ class LatentModel:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"
 
     @property
+    def beta_now(self) -> float:
+        """beta at the current step: the full beta, or its linear warm-up when kl_warmup_steps > 0."""
+        warmup = getattr(self, "kl_warmup_steps", 0)
+        if warmup <= 0:
+            return self.beta
+        return self.beta * min(1.0, getattr(self, "steps_done_", 0) / warmup)
+
+    @property
     def device_(self) -> torch.device:
         return resolve_device(self.device)
 

@@ -52,8 +52,8 @@ class BetaVAEGAN(LatentModel):
 
     def __init__(self, latent_dim: int = 5, added_dims: int = 1, beta: float = 4.0, gamma: float = 1.0,
                  w_kd: float = 1.0, w_feature: float = 1.0, w_pixel: float = 1.0, added_frac: float = 0.5,
-                 init_from_teacher: bool = True, steps: int = 1000, batch_size: int = 32, lr: float = 5e-4,
-                 lr_d: float = 2e-4, seed: int = 0, device: str = "cpu"):
+                 init_from_teacher: bool = True, kl_warmup_steps: int = 0, steps: int = 1000, batch_size: int = 32,
+                 lr: float = 5e-4, lr_d: float = 2e-4, seed: int = 0, device: str = "cpu"):
         self.latent_dim = latent_dim  # k: the teacher's latent size (source: 5)
         self.added_dims = added_dims  # a: dims added for the new factor (source: 1)
         self.beta = beta  # beta: KL weight of L_vae (eq. 2); the teacher's value
@@ -63,6 +63,7 @@ class BetaVAEGAN(LatentModel):
         self.w_pixel = w_pixel  # weight of a pixel BCE reconstruction (ours; 0 = the source's eq. 2)
         self.added_frac = added_frac  # share of added (y = 1) images per batch (ours)
         self.init_from_teacher = init_from_teacher  # start E_s, G from the teacher's weights (ours)
+        self.kl_warmup_steps = kl_warmup_steps  # ours: beta of L_vae ramps up from 0 over these steps (0 = off)
         self.steps = steps
         self.batch_size = batch_size
         self.lr = lr  # Adam learning rate of E_s and G
@@ -167,7 +168,7 @@ class BetaVAEGAN(LatentModel):
         kl = kl_to_standard_normal(mean, logvar).mean()
         kd = kl_gaussians(mean[:, :k], logvar[:, :k], mean_t, logvar_t).mean()
         adv = generator_loss(rec_logit, prior_logit, self.gamma)
-        loss_g = self.w_feature * feat + self.w_pixel * pixel + self.beta * kl + self.w_kd * kd + adv
+        loss_g = self.w_feature * feat + self.w_pixel * pixel + self.beta_now * kl + self.w_kd * kd + adv
         loss_d = discriminator_loss(real_logit, rec_logit, prior_logit, self.gamma)
         logs = {"loss": loss_g.item(), "feature": feat.item(), "pixel": pixel.item(), "kl": kl.item(),
                 "kd": kd.item(), "adv": adv.item(), "loss_d": loss_d.item()}

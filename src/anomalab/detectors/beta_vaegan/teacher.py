@@ -67,13 +67,6 @@ class BetaVAE(LatentModel):
         loss = rec + self.beta_now * kl
         return loss, {"loss": loss.item(), "rec": rec.item(), "kl": kl.item()}
 
-    @property
-    def beta_now(self) -> float:
-        """beta at the current step: the full beta, or its linear warm-up when kl_warmup_steps > 0."""
-        if self.kl_warmup_steps <= 0:
-            return self.beta
-        return self.beta * min(1.0, getattr(self, "steps_done_", 0) / self.kl_warmup_steps)
-
     def _train_step(self, batch: Tensor) -> dict[str, float]:
         self.optimizer_.zero_grad(set_to_none=True)
         loss, logs = self.loss(batch.to(self.device_))
