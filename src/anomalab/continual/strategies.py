@@ -239,9 +239,11 @@ class Replay(Strategy):
     def __init__(self, replay_fraction: float = 0.5):
         # replayed images per step = batch_size * replay_fraction (source: batch_size / 2)
         self.replay_fraction = replay_fraction
-        self.decoder: nn.Module | None = None
+        self.decoder: nn.Module | None = None  # the frozen copy, set when a task begins
         self.generator: torch.Generator | None = None
         self.n_replay = 0
+        self.latent_dim = 0
+        self.device = torch.device("cpu")
 
     def get_params(self) -> dict[str, Any]:
         return {"replay_fraction": self.replay_fraction}
@@ -255,6 +257,9 @@ class Replay(Strategy):
                 f"e.g. 'vae'); '{name}' has no prior to sample from: use finetune, ewc or joint")
 
     def begin_task(self, detector, task_index: int) -> None:
+        if not isinstance(getattr(detector, "decoder_", None), nn.Module):
+            raise StrategyError(f"replay copies the detector's decoder network (decoder_); "
+                                f"'{detector.name}' has none")
         # the decoder as it is at the end of the previous task, frozen for the whole task
         self.decoder = copy.deepcopy(detector.decoder_).eval().requires_grad_(False)
         self.latent_dim = int(detector.latent_dim)
