@@ -145,3 +145,11 @@ def test_empty_folder_and_corrupt_files(tree, tmp_path):
 def test_experiment_without_name_lists_them():
     code, text = run("experiment")
     assert code == 0 and "latent_scatter" in text and "vae_repair" in text
+
+
+def test_help_works_everywhere():
+    for cmd in (["--help"], ["fit", "--help"], ["score", "--help"], ["experiment", "--help"],
+                ["experiment", "latent_scatter", "--help"]):
+        code, text = run(*cmd)
+        assert code == 0, (cmd, text)
+        assert "error" not in text.lower().split("usage")[0] and "usage" in text.lower(), (cmd, text)

@@ -21,6 +21,8 @@ class Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise  # click's own flow (--help, usage errors): it prints and exits itself
         except EXPECTED_ERRORS as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else e
             click.echo(f"error: {msg}", err=True)
@@ -294,14 +296,15 @@ def _experiments() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, add_help_option=False)
 @click.argument("name", required=False)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def experiment(name, args) -> None:
-    """Run experiment NAME (one figure/table of the methods); ARGS go to it (try NAME --help).
-    Without NAME, list the experiments."""
+    """Run experiment NAME (one figure/table of the methods); ARGS go to it (`NAME --help` shows them).
+    Without NAME (or with --help), list the experiments."""
     names = _experiments()
-    if not name:
+    if not name or name in ("--help", "-h"):
+        click.echo("Usage: anomalab experiment NAME [ARGS]...   (anomalab experiment NAME --help for its options)\n")
         for n in names:
             doc = (importlib.import_module(f"anomalab.experiments.{n}").__doc__ or "").strip().splitlines()
             click.echo(f"{n:28s} {doc[0] if doc else ''}")
