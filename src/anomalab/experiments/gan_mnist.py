@@ -284,13 +284,18 @@ def report(results: Path, out: Path) -> dict:
 
     if not results.is_file():
         raise FileNotFoundError(f"no results yet at {results}")
-    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    rows, seen = [], set()
+    for r in map(json.loads, results.read_text().splitlines()):  # two runs sharing a file may repeat a cell
+        key = (r["detector"], r["digit"], r["seed"], r["budget"])
+        if key not in seen:
+            seen.add(key)
+            rows.append(r)
     groups = _groups(rows)
     order = sorted(groups, key=lambda k: ((DETECTORS + BASELINES).index(k[0]), k[1]))
     digits = sorted({r["digit"] for r in rows})
     lines = ["# GAN detectors, MNIST one-class (image AUROC, mean ± std over seeds, seeds in brackets)", "",
              "Last epoch, networks in eval mode, no test-set model selection. Budget per column header; "
-             "fit/score times are CPU seconds per cell on this machine.", ""]
+             "fit/score times are wall-clock seconds per cell (one torch thread, shared machine).", ""]
     header = ["anomaly digit"] + [f"{d} [{b}]" for d, b in order] + list(REFERENCE)
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for digit in digits:
