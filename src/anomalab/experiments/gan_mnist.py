@@ -178,7 +178,7 @@ def grid_figure(det, name: str, test, scores: np.ndarray, path: Path) -> None:
                title=f"{name}, anomaly digit {test.meta['anomaly_class']}", map_rows=("|x - x_hat|",))
 
 
-def run_cell(name: str, params: dict, limits: dict, train, test, args, out: Path) -> dict:
+def run_cell(name: str, params: dict, limits: dict, train, test, args, out: Path, budget: str = "") -> dict:
     det = create(name, **params)
     det.progress = False
     steps: list[dict] = []
@@ -201,9 +201,10 @@ def run_cell(name: str, params: dict, limits: dict, train, test, args, out: Path
     if digit == GRID_DIGIT and seed == args.seeds[0] and name in DETECTORS:
         from anomalab.report.plots import score_histogram
 
-        score_histogram(ev.scores, ev.labels, out / "figures" / f"hist_{name}_digit{digit}.png",
-                        title=f"{name}, anomaly digit {digit} (AUROC {row['image_auroc']:.3f})")
-        grid_figure(det, name, test, ev.scores, out / "figures" / f"grid_{name}_digit{digit}.png")
+        tag = budget.replace(" ", "_")  # one figure per budget: runs of other budgets do not overwrite it
+        score_histogram(ev.scores, ev.labels, out / "figures" / f"hist_{name}_digit{digit}_{tag}.png",
+                        title=f"{name}, anomaly digit {digit} [{budget}] (AUROC {row['image_auroc']:.3f})")
+        grid_figure(det, name, test, ev.scores, out / "figures" / f"grid_{name}_digit{digit}_{tag}.png")
     if args.bn_diagnostics and name == "ganomaly":
         row["bn_diagnostics"] = bn_diagnostics(det, train, test)
     if args.official_protocol and name == "ganomaly":
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
                     if name in DETECTORS and args.epochs is not None:
                         params["epochs"] = args.epochs
                     log.info("%s digit %d seed %d (%s)", name, digit, seed, budget)
-                    row = run_cell(name, params, limits, train, test, args, out)
+                    row = run_cell(name, params, limits, train, test, args, out, budget)
                     row.update(detector=name, digit=digit, seed=seed, budget=budget,
                                data=test.meta.get("name"), threads=args.threads)
                     append(results, row)
