@@ -185,7 +185,8 @@ def student_stage(args, res: Results, teacher: BetaVAE, gamma: float, seed: int)
         student.set_training_data(teacher, added_set())
     else:
         student = BetaVAEGAN(**{**STUDENT, "steps": args.student_steps}, gamma=gamma, seed=seed,
-                             kl_warmup_steps=args.student_warmup, device=args.device)
+                             kl_warmup_steps=args.student_warmup, added_logvar_init=args.added_logvar_init,
+                             device=args.device)
         student.progress = args.progress
         student.fit(teacher, added_set(), steps=0)
     student.progress = args.progress
@@ -198,7 +199,7 @@ def student_stage(args, res: Results, teacher: BetaVAE, gamma: float, seed: int)
                                          factor=5, dim=student.added_dim, num_votes=CORRESPONDENCE_VOTES,
                                          pool=pool)
         row = res.add({"stage": stage, "model": "student", "gamma": gamma, "seed": seed,
-                       "kl_warmup_steps": args.student_warmup,
+                       "kl_warmup_steps": args.student_warmup, "added_logvar_init": args.added_logvar_init,
                        "steps": student.steps_done_, "batch_size": student.batch_size,
                        "train_cpu_s": spent["cpu_s"], "train_wall_s": spent["wall_s"],
                        "d_acc_5": m5["eval_accuracy"], "d_acc_6": m6["eval_accuracy"], "correspondence": corr,
@@ -344,6 +345,8 @@ def main(argv: list[str] | None = None) -> None:
                    help=f"also train and score a teacher with beta warm-up over {WARMUP_STEPS} steps (not distilled)")
     p.add_argument("--student-warmup", type=int, default=0,
                    help="students: beta of L_vae ramps up from 0 over this many steps (0 = off)")
+    p.add_argument("--added-logvar-init", type=float, default=None,
+                   help="students: initial log-variance of the added dim's posterior (e.g. -6; default: layer init)")
     p.add_argument("--no-check-pool", dest="check_pool", action="store_false")
     p.add_argument("--no-figures", dest="figures", action="store_false")
     p.add_argument("--progress", action="store_true", help="progress bars")

@@ -52,7 +52,8 @@ class BetaVAEGAN(LatentModel):
 
     def __init__(self, latent_dim: int = 5, added_dims: int = 1, beta: float = 4.0, gamma: float = 1.0,
                  w_kd: float = 1.0, w_feature: float = 1.0, w_pixel: float = 1.0, added_frac: float = 0.5,
-                 init_from_teacher: bool = True, kl_warmup_steps: int = 0, steps: int = 1000, batch_size: int = 32,
+                 init_from_teacher: bool = True, added_logvar_init: float | None = None, kl_warmup_steps: int = 0,
+                 steps: int = 1000, batch_size: int = 32,
                  lr: float = 5e-4, lr_d: float = 2e-4, seed: int = 0, device: str = "cpu"):
         self.latent_dim = latent_dim  # k: the teacher's latent size (source: 5)
         self.added_dims = added_dims  # a: dims added for the new factor (source: 1)
@@ -63,6 +64,9 @@ class BetaVAEGAN(LatentModel):
         self.w_pixel = w_pixel  # weight of a pixel BCE reconstruction (ours; 0 = the source's eq. 2)
         self.added_frac = added_frac  # share of added (y = 1) images per batch (ours)
         self.init_from_teacher = init_from_teacher  # start E_s, G from the teacher's weights (ours)
+        # ours: start the added dims' posterior sharp (log-variance bias, zero weights) so that they carry
+        # information from the first step; None = the layer's default init (posterior variance ~ 1)
+        self.added_logvar_init = added_logvar_init
         self.kl_warmup_steps = kl_warmup_steps  # ours: beta of L_vae ramps up from 0 over these steps (0 = off)
         self.steps = steps
         self.batch_size = batch_size
@@ -98,6 +102,8 @@ class BetaVAEGAN(LatentModel):
             elif name.startswith("head."):  # rows [mean k | logvar k] -> [mean k, new a | logvar k, new a]
                 new = se[name].clone()
                 new[:k], new[k + a : 2 * k + a] = w[:k], w[k:]
+                if self.added_logvar_init is not None:
+                    new[2 * k + a :] = self.added_logvar_init if name.endswith("bias") else 0.0
                 se[name] = new
             else:
                 se[name] = w
