@@ -86,14 +86,21 @@ class GANDetector(BaseDetector):
         generator = seed_everything(self.seed + len(self.history_))
         if getattr(self, "optimizers_", None) is None:
             self.optimizers_ = self._make_optimizers()
-        for net in self._nets().values():
-            net.train()
-        data = to_signed(x).to(self.device_)
+        # channels_last trains about 8 % faster on CPU here (benchmarks/bench_ganomaly.py); the nets go back
+        # to the default layout afterwards so that scores do not depend on how the detector was obtained.
+        nets = list(self._nets().values())
+        for net in nets:
+            net.train().to(memory_format=torch.channels_last)
+        data = to_signed(x).to(self.device_).contiguous(memory_format=torch.channels_last)
         loader = Batches(data, self.batch_size, shuffle=True, generator=generator)
-        self.history_ += run_epochs(self._train_step, loader, self.epochs if epochs is None else epochs,
-                                    progress=self.progress, desc=f"{self.name} fit")
-        if getattr(self, "bn_recalibrate", False):
-            self.recalibrate_bn(data)
+        try:
+            self.history_ += run_epochs(self._train_step, loader, self.epochs if epochs is None else epochs,
+                                        progress=self.progress, desc=f"{self.name} fit")
+            if getattr(self, "bn_recalibrate", False):
+                self.recalibrate_bn(data)
+        finally:
+            for net in nets:
+                net.to(memory_format=torch.contiguous_format)
 
     @torch.no_grad()
     def recalibrate_bn(self, data: Tensor) -> None:
