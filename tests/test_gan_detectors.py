@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import anomalab.detectors.ganomaly as ganomaly_module
+import anomalab.detectors._gan as gan_module
 from anomalab.detectors._gan import power_of_two_size, to_signed
 from anomalab.detectors.anogan import anogan_loss, latent_search
 from anomalab.detectors.egbad import EGBAD
@@ -65,7 +65,7 @@ def test_ganomaly_fits_rgb_at_another_size():
 
 
 def _one_step(monkeypatch, collapse: float):
-    monkeypatch.setattr(ganomaly_module, "D_COLLAPSE", collapse)
+    monkeypatch.setattr(gan_module, "D_COLLAPSE", collapse)
     det = GANomaly(latent_dim=4, width=4, epochs=1, batch_size=4)
     det.input_shape_ = (1, 16, 16)
     det._build(det.input_shape_)

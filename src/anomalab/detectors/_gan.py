@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from anomalab.detector import BaseDetector
+from anomalab.nets.dcgan import dcgan_init
 from anomalab.train.loop import Batches, run_epochs, seed_everything
 from anomalab.types import ImageSet
 
@@ -135,3 +136,37 @@ class GANDetector(BaseDetector):
     def reconstruct(self, images: Tensor, batch_size: int | None = None) -> Tensor:
         """images (N, C, H, W) in [0, 1] -> x_hat (N, C', S, S) in [0, 1] at the model's shape."""
         return self._batched(lambda x: to_unit(self._reconstruct(to_signed(x))), images, batch_size)
+
+
+class PairedGANDetector(GANDetector):
+    """A GAN with one `generator_` and one `discriminator_` (AnoGAN, GANomaly, Skip-GANomaly)."""
+
+    def _nets(self):
+        return {"generator": self.generator_, "discriminator": self.discriminator_}
+
+    def _make_optimizers(self):
+        return {"g": adam(self.generator_, self.lr, self.beta1), "d": adam(self.discriminator_, self.lr, self.beta1)}
+
+    def _update_from_one_pass(self, loss_g: Tensor, loss_d: Tensor) -> tuple[float, bool]:
+        """Update G, then D, from the same forward pass, as the official GANomaly step does: each backward
+        reaches only its own net's parameters. D is re-initialised when its loss collapses below
+        D_COLLAPSE. Returns (D's loss, whether D was re-initialised)."""
+        g, d, opt = self.generator_, self.discriminator_, self.optimizers_
+        opt["g"].zero_grad(set_to_none=True)
+        opt["d"].zero_grad(set_to_none=True)
+        loss_g.backward(inputs=list(g.parameters()), retain_graph=True)
+        loss_d.backward(inputs=list(d.parameters()))
+        opt["g"].step()
+        opt["d"].step()
+        d_loss = loss_d.item()
+        reinit = d_loss < D_COLLAPSE
+        if reinit:
+            d.apply(dcgan_init)
+        return d_loss, reinit
+
+    def _bn_forward(self, x: Tensor) -> None:
+        """The forward passes of one training step of an encoder-decoder GAN: G(x), D(x), D(G(x))."""
+        x_hat = self._reconstruct(x)
+        self.discriminator_(x)
+        self.discriminator_(x_hat)
+

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from anomalab.data.transforms import check_images, prepare, resize_maps
-from anomalab.detectors._gan import GANDetector, adam, bce_logits, discriminator_loss, to_signed, to_unit
+from anomalab.detectors._gan import PairedGANDetector, bce_logits, discriminator_loss, to_signed, to_unit
 from anomalab.nets.dcgan import DCDecoder, DCDiscriminator, dcgan_init
 
 
@@ -48,7 +48,7 @@ def latent_search(generator: Callable[[Tensor], Tensor], features: Callable[[Ten
     return z.detach(), final, x_hat
 
 
-class AnoGAN(GANDetector):
+class AnoGAN(PairedGANDetector):
     """score(images (N,C,H,W) in [0,1]) -> (N,) AnoGAN loss after the latent search, higher = more anomalous.
     Scoring is an optimisation (n_steps forward/backward passes per image): `search` returns score,
     G(z*) and map in one go."""
@@ -77,12 +77,6 @@ class AnoGAN(GANDetector):
         self.discriminator_ = DCDiscriminator(s, c, self.width)
         self.generator_.apply(dcgan_init)
         self.discriminator_.apply(dcgan_init)
-
-    def _nets(self):
-        return {"generator": self.generator_, "discriminator": self.discriminator_}
-
-    def _make_optimizers(self):
-        return {"g": adam(self.generator_, self.lr, self.beta1), "d": adam(self.discriminator_, self.lr, self.beta1)}
 
     def _train_step(self, x: Tensor) -> dict[str, float]:
         g, d, opt = self.generator_, self.discriminator_, self.optimizers_

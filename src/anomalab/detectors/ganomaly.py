@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from anomalab.detectors._gan import D_COLLAPSE, GANDetector, adam, discriminator_loss, to_signed
+from anomalab.detectors._gan import PairedGANDetector, discriminator_loss, to_signed
 from anomalab.nets.dcgan import DCDecoder, DCDiscriminator, DCEncoder, dcgan_init
 
 
@@ -47,7 +47,7 @@ class GanomalyGenerator(nn.Module):
         return x_hat, z, self.encoder2(x_hat)
 
 
-class GANomaly(GANDetector):
+class GANomaly(PairedGANDetector):
     """score(images (N,C,H,W) in [0,1]) -> (N,) latent difference, higher = more anomalous. Works at a
     square power-of-two size >= 16 (MNIST 28x28 is resized to 32x32, the official isize)."""
 
@@ -78,12 +78,6 @@ class GANomaly(GANDetector):
         self.generator_.apply(dcgan_init)
         self.discriminator_.apply(dcgan_init)
 
-    def _nets(self):
-        return {"generator": self.generator_, "discriminator": self.discriminator_}
-
-    def _make_optimizers(self):
-        return {"g": adam(self.generator_, self.lr, self.beta1), "d": adam(self.discriminator_, self.lr, self.beta1)}
-
     def loss(self, batch: Tensor) -> tuple[Tensor, dict[str, float]]:
         """Generator loss L_G on a batch in [0, 1] (the Trainable protocol)."""
         x = to_signed(batch)
@@ -95,32 +89,15 @@ class GANomaly(GANDetector):
 
     def _train_step(self, x: Tensor) -> dict[str, float]:
         g, d = self.generator_, self.discriminator_
-        opt = self.optimizers_
         x_hat, z, z_hat = g(x)
         logit_real, feat_real = d(x)
         logit_fake, feat_fake = d(x_hat)
         loss_g, parts = generator_loss(x, x_hat, z, z_hat, feat_real.detach(), feat_fake,
                                        self.w_adv, self.w_con, self.w_enc)
         loss_d = discriminator_loss(logit_real, logit_fake)
-        # The official step updates G, then D from the same forward pass (D's input x_hat detached), so
-        # one pass serves both: each backward only reaches its own net's parameters.
-        opt["g"].zero_grad(set_to_none=True)
-        opt["d"].zero_grad(set_to_none=True)
-        loss_g.backward(inputs=list(g.parameters()), retain_graph=True)
-        loss_d.backward(inputs=list(d.parameters()))
-        opt["g"].step()
-        opt["d"].step()
-        d_loss = loss_d.item()
-        reinit = d_loss < D_COLLAPSE
-        if reinit:
-            d.apply(dcgan_init)
+        d_loss, reinit = self._update_from_one_pass(loss_g, loss_d)
         return {"loss_g": loss_g.item(), **{k: v.item() for k, v in parts.items()}, "loss_d": d_loss,
                 "d_reinit": float(reinit)}
-
-    def _bn_forward(self, x: Tensor) -> None:
-        x_hat = self._reconstruct(x)
-        self.discriminator_(x)
-        self.discriminator_(x_hat)
 
     def _reconstruct(self, x: Tensor) -> Tensor:
         return self.generator_(x)[0]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from anomalab.detectors._gan import D_COLLAPSE, GANDetector, adam, bce_logits, discriminator_loss, to_signed
+from anomalab.detectors._gan import PairedGANDetector, bce_logits, discriminator_loss, to_signed
 from anomalab.nets.dcgan import DCDiscriminator, dcgan_init
 from anomalab.nets.unet import UNetGenerator
 
@@ -34,7 +34,7 @@ def skip_score(x: Tensor, x_hat: Tensor, feat_real: Tensor, feat_fake: Tensor, l
     return lam * rec + (1 - lam) * lat
 
 
-class SkipGANomaly(GANDetector):
+class SkipGANomaly(PairedGANDetector):
     """score(images (N,C,H,W) in [0,1]) -> (N,), higher = more anomalous. Works at a square power-of-two
     size >= 16 (MNIST 28x28 is resized to 32x32)."""
 
@@ -65,38 +65,17 @@ class SkipGANomaly(GANDetector):
         self.generator_.apply(dcgan_init)
         self.discriminator_.apply(dcgan_init)
 
-    def _nets(self):
-        return {"generator": self.generator_, "discriminator": self.discriminator_}
-
-    def _make_optimizers(self):
-        return {"g": adam(self.generator_, self.lr, self.beta1), "d": adam(self.discriminator_, self.lr, self.beta1)}
-
     def _train_step(self, x: Tensor) -> dict[str, float]:
-        g, d, opt = self.generator_, self.discriminator_, self.optimizers_
+        g, d = self.generator_, self.discriminator_
         x_hat = g(x)
         logit_real, feat_real = d(x)
         logit_fake, feat_fake = d(x_hat)
         loss_g, parts = skip_generator_loss(x, x_hat, logit_fake, feat_real.detach(), feat_fake,
                                             self.w_adv, self.w_con, self.w_lat)
         loss_d = discriminator_loss(logit_real, logit_fake)
-        # As in GANomaly: G and D updated from one forward pass, each backward reaching only its own net.
-        opt["g"].zero_grad(set_to_none=True)
-        opt["d"].zero_grad(set_to_none=True)
-        loss_g.backward(inputs=list(g.parameters()), retain_graph=True)
-        loss_d.backward(inputs=list(d.parameters()))
-        opt["g"].step()
-        opt["d"].step()
-        d_loss = loss_d.item()
-        reinit = d_loss < D_COLLAPSE
-        if reinit:
-            d.apply(dcgan_init)
+        d_loss, reinit = self._update_from_one_pass(loss_g, loss_d)
         return {"loss_g": loss_g.item(), **{k: v.item() for k, v in parts.items()}, "loss_d": d_loss,
                 "d_reinit": float(reinit)}
-
-    def _bn_forward(self, x: Tensor) -> None:
-        x_hat = self._reconstruct(x)
-        self.discriminator_(x)
-        self.discriminator_(x_hat)
 
     def _reconstruct(self, x: Tensor) -> Tensor:
         return self.generator_(x)
