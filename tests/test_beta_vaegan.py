@@ -10,8 +10,6 @@ from anomalab.detectors.beta_vaegan import losses as L
 from anomalab.detectors.beta_vaegan.nets import Decoder64, Discriminator64, Encoder64
 from anomalab.types import ImageSet
 
-torch.set_num_threads(1)
-
 
 def _gauss(n=6, d=4, seed=0):
     g = torch.Generator().manual_seed(seed)
