@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from _common import timed  # first: sets OMP_WAIT_POLICY=PASSIVE before torch loads
 
+# isort: split
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
@@ -104,12 +104,6 @@ def flops_per_image(step) -> float:
     with FlopCounterMode(display=False) as counter:
         step(g, d, og, od, x)
     return counter.get_total_flops() / BATCH
-
-
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def main() -> None:

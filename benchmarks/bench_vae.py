@@ -9,11 +9,10 @@ Target: toolkit / plain >= 0.9 for training and scoring. One-image-at-a-time sco
 from __future__ import annotations
 
 import argparse
-import os
-import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from _common import timed  # first: sets OMP_WAIT_POLICY=PASSIVE before torch loads
 
+# isort: split
 import torch  # noqa: E402
 
 import anomalab  # noqa: E402
@@ -47,12 +46,6 @@ def plain_score(enc, dec, x: torch.Tensor, batch: int) -> torch.Tensor:
             b = x[i : i + batch]
             out.append((b - dec(enc(b)[0])).pow(2).flatten(1).mean(1))
     return torch.cat(out)
-
-
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def main() -> None:
