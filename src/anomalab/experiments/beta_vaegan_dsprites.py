@@ -173,12 +173,13 @@ def args_quick(args):
     return quick
 
 
-def _student_stage_name(gamma: float, seed: int, warmup: int) -> str:
-    return f"student_g{gamma:g}_s{seed}" + (f"_w{warmup}" if warmup else "")
+def _student_stage_name(gamma: float, seed: int, warmup: int, w_kd: float = 1.0) -> str:
+    return (f"student_g{gamma:g}_s{seed}" + (f"_w{warmup}" if warmup else "")
+            + (f"_kd{w_kd:g}" if w_kd != 1.0 else ""))
 
 
 def student_stage(args, res: Results, teacher: BetaVAE, gamma: float, seed: int) -> BetaVAEGAN:
-    stage = _student_stage_name(gamma, seed, args.student_warmup)
+    stage = _student_stage_name(gamma, seed, args.student_warmup, args.w_kd)
     path = args.out / stage
     if (path / "model.json").is_file():
         student = BetaVAEGAN.load(path, device=args.device)
@@ -186,7 +187,7 @@ def student_stage(args, res: Results, teacher: BetaVAE, gamma: float, seed: int)
     else:
         student = BetaVAEGAN(**{**STUDENT, "steps": args.student_steps}, gamma=gamma, seed=seed,
                              kl_warmup_steps=args.student_warmup, added_logvar_init=args.added_logvar_init,
-                             device=args.device)
+                             w_kd=args.w_kd, device=args.device)
         student.progress = args.progress
         student.fit(teacher, added_set(), steps=0)
     student.progress = args.progress
@@ -200,7 +201,7 @@ def student_stage(args, res: Results, teacher: BetaVAE, gamma: float, seed: int)
                                          pool=pool)
         row = res.add({"stage": stage, "model": "student", "gamma": gamma, "seed": seed,
                        "kl_warmup_steps": args.student_warmup, "added_logvar_init": args.added_logvar_init,
-                       "steps": student.steps_done_, "batch_size": student.batch_size,
+                       "w_kd": args.w_kd, "steps": student.steps_done_, "batch_size": student.batch_size,
                        "train_cpu_s": spent["cpu_s"], "train_wall_s": spent["wall_s"],
                        "d_acc_5": m5["eval_accuracy"], "d_acc_6": m6["eval_accuracy"], "correspondence": corr,
                        "metric5": m5, "metric6": m6, "metric_cpu_s": c.cpu_s, "pool_size": args.pool_size,
@@ -347,6 +348,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="students: beta of L_vae ramps up from 0 over this many steps (0 = off)")
     p.add_argument("--added-logvar-init", type=float, default=None,
                    help="students: initial log-variance of the added dim's posterior (e.g. -6; default: layer init)")
+    p.add_argument("--w-kd", type=float, default=1.0,
+                   help="students: weight of L_KD (eq. 3; source 1). A larger weight pins the teacher's dims harder; "
+                        "cells with another weight are stored as separate stages")
     p.add_argument("--no-check-pool", dest="check_pool", action="store_false")
     p.add_argument("--no-figures", dest="figures", action="store_false")
     p.add_argument("--progress", action="store_true", help="progress bars")
