@@ -72,7 +72,47 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
-class BaseDetector:
+class Params:
+    """Hyper-parameters are the `__init__` arguments, stored under their own names (scikit-learn style);
+    shared by detectors and the other saved models (beta_vaegan)."""
+
+    @classmethod
+    def param_names(cls) -> list[str]:
+        sig = inspect.signature(cls.__init__)
+        return [p for p in sig.parameters if p != "self"]
+
+    def get_params(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.param_names()}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+    @property
+    def device_(self) -> torch.device:
+        return resolve_device(getattr(self, "device", "cpu"))
+
+
+def nets_state(nets: dict[str, nn.Module]) -> dict[str, Tensor]:
+    """Every network's state_dict under "<net>.<key>", on the CPU, ready for safetensors."""
+    return {f"{name}.{k}": v.detach().cpu().contiguous() for name, net in nets.items()
+            for k, v in net.state_dict().items()}
+
+
+def load_nets_state(nets: dict[str, nn.Module], tensors: dict[str, Tensor], device: torch.device,
+                    where: str) -> None:
+    """Load `nets_state` output back into `nets` (every key must match) and move them to `device`."""
+    for name, net in nets.items():
+        prefix = f"{name}."
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise LoadError(f"{where}: weights do not match {name} "
+                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        net.to(device)
+
+
+class BaseDetector(Params):
     """Shared procedure: input checks, batching, device, save/load. Subclasses implement
 
     - `_fit(x: Tensor (N,C,H,W) prepared, train: ImageSet)`: train / estimate, set fitted attributes;
@@ -86,19 +126,6 @@ class BaseDetector:
     _fitted_json: ClassVar[tuple[str, ...]] = ("history_",)
     score_batch_size: ClassVar[int] = 256
     onnx_exportable: ClassVar[bool] = False  # True where _score_batch/_map_batch trace to ONNX (export.py)
-
-    # ---- parameters -------------------------------------------------------------------------
-    @classmethod
-    def param_names(cls) -> list[str]:
-        sig = inspect.signature(cls.__init__)
-        return [p for p in sig.parameters if p != "self"]
-
-    def get_params(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.param_names()}
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
-        return f"{type(self).__name__}({args})"
 
     # ---- state --------------------------------------------------------------------------------
     @property
@@ -118,10 +145,6 @@ class BaseDetector:
     def _model_shape(self, data_shape: tuple[int, int, int]) -> tuple[int, int, int]:
         """The (C, H, W) the model works at, given the training data's shape. Default: the data's."""
         return data_shape
-
-    @property
-    def device_(self) -> torch.device:
-        return resolve_device(getattr(self, "device", "cpu"))
 
     # ---- fit / score --------------------------------------------------------------------------
     def fit(self, train: ImageSet | Tensor) -> BaseDetector:
@@ -180,10 +203,7 @@ class BaseDetector:
 
     # ---- save / load --------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, Tensor]:
-        tensors = {}
-        for net_name, net in self._nets().items():
-            for k, v in net.state_dict().items():
-                tensors[f"{net_name}.{k}"] = v.detach().cpu().contiguous()
+        tensors = nets_state(self._nets())
         for attr in self._fitted_tensors:
             value = getattr(self, attr, None)
             if value is not None:
@@ -221,14 +241,7 @@ class BaseDetector:
             setattr(det, attr, value)
         tensors = load_file(str(path / WEIGHTS_FILE))
         det._build(det.input_shape_)
-        for net_name, net in det._nets().items():
-            prefix = f"{net_name}."
-            state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-            missing, unexpected = net.load_state_dict(state, strict=False)
-            if missing or unexpected:
-                raise LoadError(f"{path / WEIGHTS_FILE}: weights do not match {cls.name}.{net_name} "
-                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-            net.to(det.device_)
+        load_nets_state(det._nets(), tensors, det.device_, f"{path / WEIGHTS_FILE} ({cls.name})")
         for attr in cls._fitted_tensors:
             if f"fitted.{attr}" in tensors:
                 setattr(det, attr, tensors[f"fitted.{attr}"].to(det.device_))
@@ -239,17 +252,18 @@ class BaseDetector:
         """Hook for detectors that derive state from loaded tensors."""
 
 
-def read_meta(path: Path) -> dict[str, Any]:
-    """Read and check `detector.json` in a saved-detector folder; clear errors for people."""
+def read_meta(path: Path, meta_file: str = META_FILE) -> dict[str, Any]:
+    """Read and check the JSON file (`detector.json`, or another model's `meta_file`) of a saved folder
+    beside its weights.safetensors: both present, same format, same anomalab major.minor."""
     if not path.is_dir():
         raise LoadError(f"no saved detector at {path} (not a folder)")
-    for f in (META_FILE, WEIGHTS_FILE):
+    for f in (meta_file, WEIGHTS_FILE):
         if not (path / f).is_file():
             raise LoadError(f"{path} is not a complete saved detector: {f} is missing")
     try:
-        meta = json.loads((path / META_FILE).read_text())
+        meta = json.loads((path / meta_file).read_text())
     except json.JSONDecodeError as e:
-        raise LoadError(f"{path / META_FILE} is not valid JSON: {e}") from None
+        raise LoadError(f"{path / meta_file} is not valid JSON: {e}") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise LoadError(
             f"{path} was saved in format {meta.get('format_version')!r} "

@@ -3,7 +3,6 @@ encoding, and save/load as a folder of `weights.safetensors` + `model.json` (no 
 
 from __future__ import annotations
 
-import inspect
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,12 +15,19 @@ from torch import Tensor, nn
 
 from anomalab import __version__
 from anomalab.data.transforms import check_images, prepare
-from anomalab.detector import LoadError, NotFittedError, resolve_device
+from anomalab.detector import (
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    LoadError,
+    NotFittedError,
+    Params,
+    load_nets_state,
+    nets_state,
+    read_meta,
+)
 from anomalab.train.loop import run_epochs
 
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "weights.safetensors"
-META_FILE = "model.json"
+META_FILE = "model.json"  # beside weights.safetensors; checked like detector.json (format, version)
 
 
 class DrawnBatches:
@@ -41,7 +47,7 @@ class DrawnBatches:
             yield self.draw(self.rng)
 
 
-class LatentModel:
+class LatentModel(Params):
     """Base of BetaVAE and BetaVAEGAN. Subclasses set `name`, `channels`, build `encoder_` (and more)
     in `_build()`, list them in `_nets()`, and implement `_train_step(batch)` and `_draw(rng)`."""
 
@@ -50,16 +56,6 @@ class LatentModel:
     log_every: ClassVar[int] = 100
     progress: bool = True
 
-    @classmethod
-    def param_names(cls) -> list[str]:
-        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-
-    def get_params(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.param_names()}
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"
-
     @property
     def beta_now(self) -> float:
         """beta at the current step: the full beta, or its linear warm-up when kl_warmup_steps > 0."""
@@ -67,10 +63,6 @@ class LatentModel:
         if warmup <= 0:
             return self.beta
         return self.beta * min(1.0, getattr(self, "steps_done_", 0) / warmup)
-
-    @property
-    def device_(self) -> torch.device:
-        return resolve_device(self.device)
 
     @property
     def is_fitted(self) -> bool:
@@ -165,9 +157,7 @@ class LatentModel:
         self._check_fitted()
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {f"{n}.{k}": v.detach().cpu().contiguous()
-                   for n, net in self._nets().items() for k, v in net.state_dict().items()}
-        save_file(tensors, str(path / WEIGHTS_FILE))
+        save_file(nets_state(self._nets()), str(path / WEIGHTS_FILE))
         meta = {"format_version": FORMAT_VERSION, "anomalab_version": __version__, "name": self.name,
                 "params": self.get_params(), "steps_done": self.steps_done_, "history": self.history_}
         (path / META_FILE).write_text(json.dumps(meta, indent=1))
@@ -175,24 +165,16 @@ class LatentModel:
     @classmethod
     def load(cls, path: str | Path, device: str | None = None) -> LatentModel:
         path = Path(path)
-        for f in (META_FILE, WEIGHTS_FILE):
-            if not (path / f).is_file():
-                raise LoadError(f"{path} is not a saved {cls.name} model: {f} is missing")
-        meta = json.loads((path / META_FILE).read_text())
+        meta = read_meta(path, META_FILE)
         if meta.get("name") != cls.name:
             raise LoadError(f"{path} holds a '{meta.get('name')}' model, not '{cls.name}'")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise LoadError(f"{path} was saved in format {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
         params = dict(meta["params"])
         if device is not None:
             params["device"] = device
         model = cls(**params)
         model._start()
-        tensors = load_file(str(path / WEIGHTS_FILE))
-        for n, net in model._nets().items():
-            state = {k[len(n) + 1 :]: v for k, v in tensors.items() if k.startswith(n + ".")}
-            net.load_state_dict(state)
-            net.to(model.device_)
+        load_nets_state(model._nets(), load_file(str(path / WEIGHTS_FILE)), model.device_,
+                        f"{path / WEIGHTS_FILE} ({cls.name})")
         model.steps_done_ = int(meta.get("steps_done", 0))
         model.history_ = list(meta.get("history", []))
         return model
