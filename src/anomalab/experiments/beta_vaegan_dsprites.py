@@ -108,14 +108,20 @@ def _train_chunks(model, target: int, path: Path, track=None) -> dict:
     return spent
 
 
-def teacher_stage(args, res: Results) -> BetaVAE:
-    path = args.out / "teacher"
+def _load_or_start_teacher(path: Path, args, **params) -> BetaVAE:
+    """The teacher saved at `path` (to be trained further up to args.teacher_steps), or a new one."""
     if (path / "model.json").is_file():
         teacher = BetaVAE.load(path, device=args.device)
     else:
-        teacher = BetaVAE(**{**TEACHER, "steps": args.teacher_steps}, seed=args.seed, device=args.device)
+        teacher = BetaVAE(**{**TEACHER, "steps": args.teacher_steps}, **params, seed=args.seed, device=args.device)
         teacher._start()
     teacher.progress = args.progress
+    return teacher
+
+
+def teacher_stage(args, res: Results) -> BetaVAE:
+    path = args.out / "teacher"
+    teacher = _load_or_start_teacher(path, args)
 
     def track(m):
         with Clock() as c:
@@ -139,13 +145,7 @@ def teacher_stage(args, res: Results) -> BetaVAE:
 def warmup_teacher_stage(args, res: Results) -> None:
     """Option: the same teacher with beta ramped up from 0 over WARMUP_STEPS (reported beside the plain one)."""
     path = args.out / "teacher_warmup"
-    if (path / "model.json").is_file():
-        teacher = BetaVAE.load(path, device=args.device)
-    else:
-        teacher = BetaVAE(**{**TEACHER, "steps": args.teacher_steps}, kl_warmup_steps=WARMUP_STEPS, seed=args.seed,
-                          device=args.device)
-        teacher._start()
-    teacher.progress = args.progress
+    teacher = _load_or_start_teacher(path, args, kl_warmup_steps=WARMUP_STEPS)
     spent = _train_chunks(teacher, args.teacher_steps, path)
     if "teacher_warmup" not in res:
         with Clock() as c:
