@@ -291,11 +291,12 @@ def write_table(args, res: Results) -> str:
     for warmup in sorted({0, args.student_warmup}):
         for gamma in GAMMAS:
             for seed in args.seeds:
-                r = res.rows.get(_student_stage_name(gamma, seed, warmup))
+                r = res.rows.get(_student_stage_name(gamma, seed, warmup, args.w_kd))
                 if not r:
                     continue
                 src = SOURCE_TABLE1[gamma]
-                name = f"student gamma={gamma:g}" + (f", beta warm-up {warmup}" if warmup else "")
+                name = (f"student gamma={gamma:g}" + (f", beta warm-up {warmup}" if warmup else "")
+                        + (f", w_kd={args.w_kd:g}" if args.w_kd != 1.0 else ""))
                 lines.append(f"| {name} | {fmt(r['d_acc_5'])} | {fmt(r['d_acc_6'])} | "
                              f"{fmt(r['correspondence'], '.2f')} | {src[0]:.3f} / {src[1]:.3f} / {src[2]:.2f} | "
                              f"{r['steps']} x {r['batch_size']} | {r['train_cpu_s'] / 60:.1f} | {seed} |")
