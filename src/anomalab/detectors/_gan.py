@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from anomalab.detector import BaseDetector
-from anomalab.nets.dcgan import dcgan_init
+from anomalab.nets.dcgan import DCDiscriminator, dcgan_init
 from anomalab.train.loop import Batches, run_epochs, seed_everything
 from anomalab.types import ImageSet
 
@@ -140,6 +140,17 @@ class GANDetector(BaseDetector):
 
 class PairedGANDetector(GANDetector):
     """A GAN with one `generator_` and one `discriminator_` (AnoGAN, GANomaly, Skip-GANomaly)."""
+
+    def _make_generator(self, channels: int, size: int) -> nn.Module:
+        raise NotImplementedError
+
+    def _make_nets(self, shape) -> None:
+        """The method's generator and the DCGAN discriminator, both with DCGAN's N(0, 0.02) init."""
+        c, s, _ = shape
+        self.generator_ = self._make_generator(c, s)
+        self.discriminator_ = DCDiscriminator(s, c, self.width)
+        self.generator_.apply(dcgan_init)
+        self.discriminator_.apply(dcgan_init)
 
     def _nets(self):
         return {"generator": self.generator_, "discriminator": self.discriminator_}

@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from anomalab.data.transforms import check_images, prepare, resize_maps
 from anomalab.detectors._gan import PairedGANDetector, bce_logits, discriminator_loss, to_signed, to_unit
-from anomalab.nets.dcgan import DCDecoder, DCDiscriminator, dcgan_init
+from anomalab.nets.dcgan import DCDecoder
 
 
 def anogan_loss(x: Tensor, x_hat: Tensor, feat_x: Tensor, feat_hat: Tensor, lam: float = 0.1) -> Tensor:
@@ -71,12 +71,9 @@ class AnoGAN(PairedGANDetector):
         self.seed = seed
         self.device = device
 
-    def _make_nets(self, shape) -> None:
-        c, s, _ = shape
-        self.generator_ = DCDecoder(s, c, self.latent_dim, self.width)
-        self.discriminator_ = DCDiscriminator(s, c, self.width)
-        self.generator_.apply(dcgan_init)
-        self.discriminator_.apply(dcgan_init)
+    def _make_generator(self, channels: int, size: int) -> nn.Module:
+        c, s = channels, size
+        return DCDecoder(s, c, self.latent_dim, self.width)
 
     def _train_step(self, x: Tensor) -> dict[str, float]:
         g, d, opt = self.generator_, self.discriminator_, self.optimizers_

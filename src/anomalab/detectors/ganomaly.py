@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from anomalab.detectors._gan import PairedGANDetector, discriminator_loss, to_signed
-from anomalab.nets.dcgan import DCDecoder, DCDiscriminator, DCEncoder, dcgan_init
+from anomalab.nets.dcgan import DCDecoder, DCEncoder
 
 
 def generator_loss(x: Tensor, x_hat: Tensor, z: Tensor, z_hat: Tensor, feat_real: Tensor, feat_fake: Tensor,
@@ -71,12 +71,9 @@ class GANomaly(PairedGANDetector):
         self.seed = seed
         self.device = device
 
-    def _make_nets(self, shape) -> None:
-        c, s, _ = shape
-        self.generator_ = GanomalyGenerator(s, c, self.latent_dim, self.width)
-        self.discriminator_ = DCDiscriminator(s, c, self.width)
-        self.generator_.apply(dcgan_init)
-        self.discriminator_.apply(dcgan_init)
+    def _make_generator(self, channels: int, size: int) -> nn.Module:
+        c, s = channels, size
+        return GanomalyGenerator(s, c, self.latent_dim, self.width)
 
     def loss(self, batch: Tensor) -> tuple[Tensor, dict[str, float]]:
         """Generator loss L_G on a batch in [0, 1] (the Trainable protocol)."""

@@ -10,10 +10,9 @@ Map = |x - x_hat| (the image part of the score, per pixel).
 
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from anomalab.detectors._gan import PairedGANDetector, bce_logits, discriminator_loss, to_signed
-from anomalab.nets.dcgan import DCDiscriminator, dcgan_init
 from anomalab.nets.unet import UNetGenerator
 
 
@@ -58,12 +57,9 @@ class SkipGANomaly(PairedGANDetector):
         self.seed = seed
         self.device = device
 
-    def _make_nets(self, shape) -> None:
-        c, s, _ = shape
-        self.generator_ = UNetGenerator(s, c, self.width)
-        self.discriminator_ = DCDiscriminator(s, c, self.width)
-        self.generator_.apply(dcgan_init)
-        self.discriminator_.apply(dcgan_init)
+    def _make_generator(self, channels: int, size: int) -> nn.Module:
+        c, s = channels, size
+        return UNetGenerator(s, c, self.width)
 
     def _train_step(self, x: Tensor) -> dict[str, float]:
         g, d = self.generator_, self.discriminator_
