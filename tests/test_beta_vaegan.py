@@ -55,6 +55,10 @@ def test_gan_losses_match_eq4():
                                -(d(real).log().mean() + (1 - d(rec)).log().mean()))
     ref = -(d(rec).log().mean() + 5 * d(prior).log().mean())
     torch.testing.assert_close(L.generator_loss(rec, prior, 5.0), ref)
+    wrong = torch.tensor([0.7, -2.0])  # D's logits for the real images given the wrong label
+    ref = -(d(real).log().mean() + (1 - d(rec)).log().mean() + 5 * (1 - d(prior)).log().mean()
+            + 0.5 * (1 - d(wrong)).log().mean())
+    torch.testing.assert_close(L.discriminator_loss(real, rec, prior, 5.0, wrong, 0.5), ref)
 
 
 def test_net_shapes():
@@ -97,6 +101,10 @@ def test_student_starts_from_teacher_and_trains(teacher, added, tmp_path):
     s.fit(teacher, added)
     white = DSprites().images(np.arange(0, 737_280, 91_000))
     torch.testing.assert_close(s.encode(white)[:, :5], teacher.encode(white))  # gray -> RGB white input
+    # the added dim starts unread and unwritten: z6 = 0 for every image, and the decoder ignores it
+    assert s.encode(white)[:, 5].abs().max() == 0
+    z = s.encode(white)
+    torch.testing.assert_close(s.decode(z), s.decode(torch.cat([z[:, :5], torch.full_like(z[:, 5:], 3.0)], 1)))
     s.train_more(3)
     logs = s.history_[-1]
     assert {"feature", "pixel", "kl", "kd", "adv", "loss_d"} <= set(logs) and np.isfinite(logs["loss"])
@@ -107,6 +115,24 @@ def test_student_starts_from_teacher_and_trains(teacher, added, tmp_path):
         s.traverse(6, [0.0])
     s.save(tmp_path / "s")
     torch.testing.assert_close(BetaVAEGAN.load(tmp_path / "s").generate(white, 0.5), out)
+
+
+def test_discriminator_sees_real_images_with_the_wrong_label(teacher, added):
+    """D's loss has the wrong-label term (real x with 1 - y as a negative); E_s/G's loss does not change."""
+    s = BetaVAEGAN(gamma=1.0, steps=0, batch_size=8, seed=0)
+    s.progress = False
+    s.fit(teacher, added)
+    x, y = s._draw(np.random.default_rng(0))
+    out = {}
+    for w in (0.0, 2.0):
+        s.w_mismatch = w
+        torch.manual_seed(0)
+        out[w] = s.losses(x, y, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        wrong = s.discriminator_(x, 1 - y)[0]
+    term = 2.0 * torch.nn.functional.binary_cross_entropy_with_logits(wrong, torch.zeros_like(wrong))
+    torch.testing.assert_close(out[2.0][1] - out[0.0][1], term.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[2.0][0], out[0.0][0])
 
 
 def test_student_rejects_mismatched_teacher(teacher, added):

@@ -173,21 +173,51 @@ def args_quick(args):
     return quick
 
 
-def _student_stage_name(gamma: float, seed: int, warmup: int, w_kd: float = 1.0) -> str:
-    return (f"student_g{gamma:g}_s{seed}" + (f"_w{warmup}" if warmup else "")
-            + (f"_kd{w_kd:g}" if w_kd != 1.0 else ""))
+_SUFFIX = {"kl_warmup_steps": "w", "w_kd": "kd"}  # short stage-name tags of the older flags
+
+
+def student_overrides(args) -> dict:
+    """Student parameters that differ from STUDENT: the shortcut flags plus every --student-set KEY=VALUE."""
+    out = {}
+    if args.student_warmup:
+        out["kl_warmup_steps"] = args.student_warmup
+    if args.added_logvar_init is not None:
+        out["added_logvar_init"] = args.added_logvar_init
+    if args.w_kd != 1.0:
+        out["w_kd"] = args.w_kd
+    for item in args.student_set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in BetaVAEGAN.param_names():
+            raise SystemExit(f"--student-set expects KEY=VALUE with KEY one of {', '.join(BetaVAEGAN.param_names())}, "
+                             f"got {item!r}")
+        out[key] = json.loads(value) if value not in ("", "None") else None
+    return out
+
+
+def _tags(overrides: dict) -> str:
+    return "".join(f"_{_SUFFIX.get(k, k)}{v:g}" if isinstance(v, float) else f"_{_SUFFIX.get(k, k)}{v}"
+                   for k, v in sorted(overrides.items()))
+
+
+def _student_stage_name(gamma: float, seed: int, overrides: dict) -> str:
+    """Stage (and folder) name of a student cell; every parameter that differs from STUDENT is in it."""
+    return f"student_g{gamma:g}_s{seed}{_tags(overrides)}"
+
+
+def _describe(overrides: dict) -> str:
+    return "".join(f", {k}={v:g}" if isinstance(v, float) else f", {k}={v}" for k, v in sorted(overrides.items()))
 
 
 def student_stage(args, res: Results, teacher: BetaVAE, gamma: float, seed: int) -> BetaVAEGAN:
-    stage = _student_stage_name(gamma, seed, args.student_warmup, args.w_kd)
+    overrides = student_overrides(args)
+    stage = _student_stage_name(gamma, seed, overrides)
     path = args.out / stage
     if (path / "model.json").is_file():
         student = BetaVAEGAN.load(path, device=args.device)
         student.set_training_data(teacher, added_set())
     else:
-        student = BetaVAEGAN(**{**STUDENT, "steps": args.student_steps}, gamma=gamma, seed=seed,
-                             kl_warmup_steps=args.student_warmup, added_logvar_init=args.added_logvar_init,
-                             w_kd=args.w_kd, device=args.device)
+        student = BetaVAEGAN(**{**STUDENT, "steps": args.student_steps, **overrides}, gamma=gamma, seed=seed,
+                             device=args.device)
         student.progress = args.progress
         student.fit(teacher, added_set(), steps=0)
     student.progress = args.progress
@@ -200,8 +230,7 @@ def student_stage(args, res: Results, teacher: BetaVAE, gamma: float, seed: int)
                                          factor=5, dim=student.added_dim, num_votes=CORRESPONDENCE_VOTES,
                                          pool=pool)
         row = res.add({"stage": stage, "model": "student", "gamma": gamma, "seed": seed,
-                       "kl_warmup_steps": args.student_warmup, "added_logvar_init": args.added_logvar_init,
-                       "w_kd": args.w_kd, "steps": student.steps_done_, "batch_size": student.batch_size,
+                       "overrides": overrides, "steps": student.steps_done_, "batch_size": student.batch_size,
                        "train_cpu_s": spent["cpu_s"], "train_wall_s": spent["wall_s"],
                        "d_acc_5": m5["eval_accuracy"], "d_acc_6": m6["eval_accuracy"], "correspondence": corr,
                        "metric5": m5, "metric6": m6, "metric_cpu_s": c.cpu_s, "pool_size": args.pool_size,
@@ -235,7 +264,7 @@ def degree_stage(args, res: Results, students: dict[float, BetaVAEGAN]) -> None:
     real_scores = detector.score(normal).numpy()
     curves = {}
     for gamma, student in students.items():
-        stage = f"degree_g{gamma:g}" + (f"_w{args.student_warmup}" if args.student_warmup else "")
+        stage = f"degree_g{gamma:g}{_tags(student_overrides(args))}"
         recon = student.decode(student.encode(normal))
         recon_scores = detector.score(recon).numpy()
         rows = []
@@ -249,7 +278,7 @@ def degree_stage(args, res: Results, students: dict[float, BetaVAEGAN]) -> None:
                          "auroc_vs_real": image_auroc(labels, np.r_[real_scores, s]), "redness": redness})
         curves[gamma] = rows
         if stage not in res:
-            res.add({"stage": stage, "gamma": gamma, "kl_warmup_steps": args.student_warmup,
+            res.add({"stage": stage, "gamma": gamma, "overrides": student_overrides(args),
                      "detector": "pca(n_components=32) on 2,000 white sprites",
                      "n_images": N_DEGREE_IMAGES, "curve": rows})
     import matplotlib.pyplot as plt
@@ -288,15 +317,14 @@ def write_table(args, res: Results) -> str:
     if w:
         lines.append(f"| teacher option: beta warm-up over {w['kl_warmup_steps']} steps | {fmt(w['d_acc_5'])} | - | - "
                      f"| - | {w['steps']} x {w['batch_size']} | {w['train_cpu_s'] / 60:.1f} | {w['seed']} |")
-    for warmup in sorted({0, args.student_warmup}):
+    for overrides in ({}, student_overrides(args)) if student_overrides(args) else ({},):
         for gamma in GAMMAS:
             for seed in args.seeds:
-                r = res.rows.get(_student_stage_name(gamma, seed, warmup, args.w_kd))
+                r = res.rows.get(_student_stage_name(gamma, seed, overrides))
                 if not r:
                     continue
                 src = SOURCE_TABLE1[gamma]
-                name = (f"student gamma={gamma:g}" + (f", beta warm-up {warmup}" if warmup else "")
-                        + (f", w_kd={args.w_kd:g}" if args.w_kd != 1.0 else ""))
+                name = f"student gamma={gamma:g}" + _describe(overrides)
                 lines.append(f"| {name} | {fmt(r['d_acc_5'])} | {fmt(r['d_acc_6'])} | "
                              f"{fmt(r['correspondence'], '.2f')} | {src[0]:.3f} / {src[1]:.3f} / {src[2]:.2f} | "
                              f"{r['steps']} x {r['batch_size']} | {r['train_cpu_s'] / 60:.1f} | {seed} |")
@@ -316,8 +344,8 @@ def write_table(args, res: Results) -> str:
     deg = [r for k, r in res.rows.items() if k.startswith("degree_g")]
     if deg:
         text += "\n| gamma | " + " | ".join(f"z6={d:g}" for d in DEGREES) + " |\n|---|" + "---|" * len(DEGREES) + "\n"
-        for r in sorted(deg, key=lambda r: (r.get("kl_warmup_steps", 0), r["gamma"])):
-            g = f"{r['gamma']:g}" + (f", warm-up {r['kl_warmup_steps']}" if r.get("kl_warmup_steps") else "")
+        for r in sorted(deg, key=lambda r: r["stage"]):
+            g = f"{r['gamma']:g}" + _describe(r.get("overrides", {}))
             text += f"| {g} (AUROC) | " + " | ".join(f"{c['auroc_vs_reconstruction']:.3f}"
                                                            for c in r["curve"]) + " |\n"
             text += f"| {g} (redness) | " + " | ".join(f"{c['redness']:.2f}" for c in r["curve"]) + " |\n"
@@ -352,6 +380,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--w-kd", type=float, default=1.0,
                    help="students: weight of L_KD (eq. 3; source 1). A larger weight pins the teacher's dims harder; "
                         "cells with another weight are stored as separate stages")
+    p.add_argument("--student-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="students: any BetaVAEGAN parameter, value as JSON (e.g. w_pixel=0); repeatable; "
+                        "cells with other parameters are stored as separate stages")
     p.add_argument("--no-check-pool", dest="check_pool", action="store_false")
     p.add_argument("--no-figures", dest="figures", action="store_false")
     p.add_argument("--progress", action="store_true", help="progress bars")

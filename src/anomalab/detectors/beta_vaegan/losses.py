@@ -48,13 +48,20 @@ def prior_codes(n: int, latent_dim: int, added_dims: int, generator: torch.Gener
     return z, y
 
 
-def discriminator_loss(real_logit: Tensor, rec_logit: Tensor, prior_logit: Tensor | None, gamma: float) -> Tensor:
+def discriminator_loss(real_logit: Tensor, rec_logit: Tensor, prior_logit: Tensor | None, gamma: float,
+                       mismatch_logit: Tensor | None = None, mismatch_weight: float = 0.0) -> Tensor:
     """-L_GAN of eq. 4 for D (a scalar, batch means): -log D(x, y) - log(1 - D(G(z_s), y))
-    - gamma * log(1 - D(G(z_y), y)). D maximises L_GAN = minimises this."""
+    - gamma * log(1 - D(G(z_y), y)) - mismatch_weight * log(1 - D(x, 1 - y)). D maximises L_GAN = minimises this.
+
+    The last term is the source's text around eq. 4 ("D outputs 1 when x is real AND its label y is correct,
+    0 otherwise"): real images given the wrong label are negatives (a matching-aware discriminator, as in
+    Reed et al. 2016). Without it nothing shows D a real image with a wrong label, so D can ignore y."""
     bce = F.binary_cross_entropy_with_logits
     loss = bce(real_logit, torch.ones_like(real_logit)) + bce(rec_logit, torch.zeros_like(rec_logit))
     if gamma:
         loss = loss + gamma * bce(prior_logit, torch.zeros_like(prior_logit))
+    if mismatch_weight:
+        loss = loss + mismatch_weight * bce(mismatch_logit, torch.zeros_like(mismatch_logit))
     return loss
 
 

@@ -51,8 +51,10 @@ class BetaVAEGAN(LatentModel):
     channels = 3
 
     def __init__(self, latent_dim: int = 5, added_dims: int = 1, beta: float = 4.0, gamma: float = 1.0,
-                 w_kd: float = 1.0, w_feature: float = 1.0, w_pixel: float = 1.0, added_frac: float = 0.5,
-                 init_from_teacher: bool = True, added_logvar_init: float | None = None, kl_warmup_steps: int = 0,
+                 w_kd: float = 1.0, w_feature: float = 1.0, w_pixel: float = 1.0, w_mismatch: float = 1.0,
+                 added_frac: float = 0.5,
+                 init_from_teacher: bool = True, zero_init_added: bool = True, added_logvar_init: float | None = None,
+                 kl_warmup_steps: int = 0,
                  steps: int = 1000, batch_size: int = 32,
                  lr: float = 5e-4, lr_d: float = 2e-4, seed: int = 0, device: str = "cpu"):
         self.latent_dim = latent_dim  # k: the teacher's latent size (source: 5)
@@ -62,8 +64,16 @@ class BetaVAEGAN(LatentModel):
         self.w_kd = w_kd  # weight of L_KD (eq. 3); 1 in the source
         self.w_feature = w_feature  # weight of the feature-space reconstruction (eq. 2)
         self.w_pixel = w_pixel  # weight of a pixel BCE reconstruction (ours; 0 = the source's eq. 2)
+        # weight of D's wrong-label term: real x with label 1 - y is a negative (the source's text at eq. 4:
+        # D says 1 only when x is real AND y is correct); 0 = eq. 4's three terms alone
+        self.w_mismatch = w_mismatch
         self.added_frac = added_frac  # share of added (y = 1) images per batch (ours)
         self.init_from_teacher = init_from_teacher  # start E_s, G from the teacher's weights (ours)
+        # ours: the added dims' encoder mean rows and decoder input columns start at zero. Then the first
+        # consistent gradient the decoder's new column gets is the filtered prior's (eq. 5: z_add > 0 must
+        # look like y = 1), so the added dim's sign is set by eq. 5, not by the random init; the encoder
+        # follows once the decoder reads the dim. False = the layers' default (random) init.
+        self.zero_init_added = zero_init_added
         # ours: start the added dims' posterior sharp (log-variance bias, zero weights) so that they carry
         # information from the first step; None = the layer's default init (posterior variance ~ 1)
         self.added_logvar_init = added_logvar_init
@@ -102,6 +112,8 @@ class BetaVAEGAN(LatentModel):
             elif name.startswith("head."):  # rows [mean k | logvar k] -> [mean k, new a | logvar k, new a]
                 new = se[name].clone()
                 new[:k], new[k + a : 2 * k + a] = w[:k], w[k:]
+                if self.zero_init_added:
+                    new[k : k + a] = 0.0
                 if self.added_logvar_init is not None:
                     new[2 * k + a :] = self.added_logvar_init if name.endswith("bias") else 0.0
                 se[name] = new
@@ -113,6 +125,8 @@ class BetaVAEGAN(LatentModel):
             if name == "fc.0.weight":  # new input columns for the added dims
                 new = sd[name].clone()
                 new[:, :k] = w
+                if self.zero_init_added:
+                    new[:, k:] = 0.0
                 sd[name] = new
             elif name.startswith(f"deconv.{len(teacher.decoder_.deconv) - 1}."):  # 1 -> 3 output channels
                 sd[name] = w.repeat(1, self.channels, 1, 1) if w.ndim == 4 else w.repeat(self.channels)
@@ -165,8 +179,14 @@ class BetaVAEGAN(LatentModel):
             z_y, y_p = prior_codes(n, k, self.added_dims, generator)
             images.append(torch.sigmoid(self.decoder_(z_y.to(x.device))))
             labels.append(y_p.to(x.device))
+        if self.w_mismatch:  # real images with the wrong label (D only: no gradient reaches E_s, G)
+            images.append(x)
+            labels.append(1 - y)
         d_logit, d_feat = self.discriminator_(torch.cat(images), torch.cat(labels))
-        real_logit, rec_logit, prior_logit = (*d_logit.split(n), None)[:3]
+        parts = list(d_logit.split(n))
+        real_logit, rec_logit = parts[0], parts[1]
+        prior_logit = parts[2] if self.gamma else None
+        mismatch_logit = parts[-1] if self.w_mismatch else None
         feat_x, feat_rec = d_feat[:n], d_feat[n : 2 * n]
 
         feat = feature_reconstruction(feat_x.detach(), feat_rec).mean()
@@ -175,7 +195,7 @@ class BetaVAEGAN(LatentModel):
         kd = kl_gaussians(mean[:, :k], logvar[:, :k], mean_t, logvar_t).mean()
         adv = generator_loss(rec_logit, prior_logit, self.gamma)
         loss_g = self.w_feature * feat + self.w_pixel * pixel + self.beta_now * kl + self.w_kd * kd + adv
-        loss_d = discriminator_loss(real_logit, rec_logit, prior_logit, self.gamma)
+        loss_d = discriminator_loss(real_logit, rec_logit, prior_logit, self.gamma, mismatch_logit, self.w_mismatch)
         logs = {"loss": loss_g.item(), "feature": feat.item(), "pixel": pixel.item(), "kl": kl.item(),
                 "kd": kd.item(), "adv": adv.item(), "loss_d": loss_d.item()}
         return loss_g, loss_d, logs
