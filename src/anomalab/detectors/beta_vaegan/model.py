@@ -51,7 +51,8 @@ class BetaVAEGAN(LatentModel):
     channels = 3
 
     def __init__(self, latent_dim: int = 5, added_dims: int = 1, beta: float = 4.0, gamma: float = 1.0,
-                 w_kd: float = 1.0, w_feature: float = 1.0, w_pixel: float = 1.0, w_mismatch: float = 1.0,
+                 w_kd: float = 1.0, w_feature: float = 1.0, w_pixel: float = 1.0, w_adv: float = 1.0,
+                 w_mismatch: float = 1.0,
                  added_frac: float = 0.5,
                  init_from_teacher: bool = True, zero_init_added: bool = True, added_logvar_init: float | None = None,
                  kl_warmup_steps: int = 0,
@@ -64,6 +65,11 @@ class BetaVAEGAN(LatentModel):
         self.w_kd = w_kd  # weight of L_KD (eq. 3); 1 in the source
         self.w_feature = w_feature  # weight of the feature-space reconstruction (eq. 2)
         self.w_pixel = w_pixel  # weight of a pixel BCE reconstruction (ours; 0 = the source's eq. 2)
+        # weight of eq. 4 in the loss of E_s and G (ours). Our reconstruction terms are sums over pixels and
+        # features (hundreds of nats per image) while eq. 4's terms are log-probabilities (about 1); the
+        # source's reconstruction is a mean squared error, so its gamma weighs the GAN terms against a far
+        # smaller reconstruction than ours. w_adv puts them back on a comparable scale (1 = as summed)
+        self.w_adv = w_adv
         # weight of D's wrong-label term: real x with label 1 - y is a negative (the source's text at eq. 4:
         # D says 1 only when x is real AND y is correct); 0 = eq. 4's three terms alone
         self.w_mismatch = w_mismatch
@@ -194,7 +200,7 @@ class BetaVAEGAN(LatentModel):
         kl = kl_to_standard_normal(mean, logvar).mean()
         kd = kl_gaussians(mean[:, :k], logvar[:, :k], mean_t, logvar_t).mean()
         adv = generator_loss(rec_logit, prior_logit, self.gamma)
-        loss_g = self.w_feature * feat + self.w_pixel * pixel + self.beta_now * kl + self.w_kd * kd + adv
+        loss_g = self.w_feature * feat + self.w_pixel * pixel + self.beta_now * kl + self.w_kd * kd + self.w_adv * adv
         loss_d = discriminator_loss(real_logit, rec_logit, prior_logit, self.gamma, mismatch_logit, self.w_mismatch)
         logs = {"loss": loss_g.item(), "feature": feat.item(), "pixel": pixel.item(), "kl": kl.item(),
                 "kd": kd.item(), "adv": adv.item(), "loss_d": loss_d.item()}
