@@ -48,8 +48,9 @@ POOL_SIZE = 30_000  # pooled votes: encode 30,000 images once instead of 970,000
 TRACK_EVERY = 1000  # teacher steps between progress checks (quick metric: 1,000 / 500 votes, pool 10,000)
 WARMUP_STEPS = 1000  # option --warmup-teacher: beta ramps up from 0 over these steps
 CORRESPONDENCE_VOTES = 100
-DEGREES = (-1.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+DEGREES = (-1.0, 0.0, 1.0, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0)
 N_DEGREE_IMAGES = 500
+ADDED_RANGE = (1.0, 5.0)  # traversal of the added dim (its own row; z1..z5 span -2 .. 2); below ~1.5 = off the data
 SOURCE_TABLE1 = {  # the source's Table 1: D-acc (5 original), D-acc (all 6), correspondence
     "teacher": (0.804, None, None), 0.0: (0.826, 0.667, 0.00), 1.0: (0.808, 0.840, 1.00),
     5.0: (0.816, 0.847, 1.00), 10.0: (0.766, 0.735, 1.00),
@@ -254,7 +255,11 @@ def traversal_figure(args, teacher: BetaVAE, student: BetaVAEGAN) -> Path:
     image = WhiteDSprites().images_from_factors(np.array([[2, 3, 0, 16, 16]]))  # a mid-size heart, centred
     zt, zs = teacher.encode(image)[0], student.encode(image)[0]
     rows = [(f"teacher z{d + 1}", teacher.traverse(d, values, zt)) for d in range(teacher.latent_dim)]
-    rows += [(f"student z{d + 1}", student.traverse(d, values, zs)) for d in range(student.encoder_.latent_dim)]
+    rows += [(f"student z{d + 1}", student.traverse(d, values, zs)) for d in range(student.latent_dim)]
+    # the added dim over its own range: the encoder puts the data there (white ~2, red ~3 in our runs)
+    added = np.linspace(ADDED_RANGE[0], ADDED_RANGE[1], len(values))
+    rows += [(f"student z{student.added_dim + 1} ({added[0]:+g} .. {added[-1]:+g})",
+              student.traverse(student.added_dim, added, zs))]
     return image_grid(rows, args.out / "traversal.png", col_titles=[f"{v:+.1f}" for v in values],
                       title=f"latent traversals: teacher (top) vs student gamma={student.gamma:g} (bottom)"
                       + (f", beta warm-up {student.kl_warmup_steps}" if student.kl_warmup_steps else ""))
