@@ -156,6 +156,8 @@ def test_generate_command_writes_pseudo_anomalies(teacher, added, tmp_path):
     result = CliRunner().invoke(main, ["generate", str(tmp_path / "run"), "--images", str(tmp_path / "in"),
                                        "--degree", "0.8", "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
+    # untrained added dim (zero init): every input sits at 0 on it, and the command says so
+    assert "added dim set to 0.8" in result.output and "mean 0.00, range 0.00 .. 0.00" in result.output
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert written == ["sprite0.png", "sprite1.png"]
     assert Image.open(tmp_path / "out" / "sprite0.png").size == (64, 64)

@@ -280,14 +280,16 @@ def make_textures_cmd(out, categories, size, n_train, n_test_good, n_test_per_de
 @click.option("--images", required=True, type=click.Path(exists=True, file_okay=False),
               help="folder of normal images to start from.")
 @click.option("--degree", default=0.5, show_default=True,
-              help="value of the added latent dimension: > 0 adds the learned anomaly, larger = stronger.")
+              help="value of the added latent dimension (larger = stronger anomaly); the command prints where the "
+                   "input images themselves sit on it.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="folder to write PNGs into.")
 def generate(run_dir, images, degree, out) -> None:
     """Generate pseudo-anomalies of a chosen DEGREE from IMAGES with the beta-VAEGAN saved in RUN_DIR."""
     from anomalab.detectors.beta_vaegan.generate import generate_folder
 
-    paths = generate_folder(run_dir, images, degree, out)
-    click.echo(f"wrote {len(paths)} images to {out}")
+    paths, own = generate_folder(run_dir, images, degree, out)
+    click.echo(f"wrote {len(paths)} images to {out} (added dim set to {degree:g}; the input images' own codes on it: "
+               f"mean {own.mean():.2f}, range {own.min():.2f} .. {own.max():.2f})")
 
 
 def _experiments() -> list[str]:

@@ -25,13 +25,16 @@ def load_generator(run_dir: str | Path) -> BetaVAEGAN:
                             "weights.safetensors there or in model/)")
 
 
-def generate_folder(run_dir: str | Path, images: str | Path, degree: float, out: str | Path) -> list[Path]:
+def generate_folder(run_dir: str | Path, images: str | Path, degree: float, out: str | Path
+                    ) -> tuple[list[Path], np.ndarray]:
     """Write one pseudo-anomaly per image of the folder `images` into `out` (same file stem, .png, 64x64
-    RGB); returns the written paths."""
+    RGB); returns the written paths and the images' own codes on the added dim (where "normal" sits on
+    the degree scale of this model)."""
     model = load_generator(run_dir)
     data = load_folder(images, size=64, channels=3, on_error="raise")
     if len(data) == 0:
         raise FileNotFoundError(f"no images in {images}")
+    own = model.encode(data.images)[:, model.added_dim].numpy()
     fakes = model.generate(data.images, degree)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -40,4 +43,4 @@ def generate_folder(run_dir: str | Path, images: str | Path, degree: float, out:
         path = out / f"{Path(name).stem}.png"
         Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
         paths.append(path)
-    return paths
+    return paths, own

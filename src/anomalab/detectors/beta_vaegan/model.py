@@ -222,8 +222,12 @@ class BetaVAEGAN(LatentModel):
     # ---- generation ----------------------------------------------------------------------------
     def generate(self, images: Tensor, degree: float | Tensor) -> Tensor:
         """Pseudo-anomalies: encode normal `images` (N, C, H, W) in [0, 1], set the added dimension to
-        `degree` (a float or (N,); > 0 = the added feature present, larger = stronger; the training
-        prior covers (0, 1]; <= 0 = absent) and decode -> (N, 3, 64, 64)."""
+        `degree` (a float or (N,); larger = stronger added feature) and decode -> (N, 3, 64, 64).
+
+        The degree is the dim's absolute value, as in the source. Where normal images sit on it is learnt:
+        `encode(images)[:, added_dim]` tells (in our dSprites run white sprites sit at ~1.9 and the reddest
+        added level at ~2.8, so degrees 2 .. 5 go from white to red; values far below the data's codes
+        decode to artefacts)."""
         z = self.encode(images)
         z[:, self.added_dim] = torch.as_tensor(degree, dtype=z.dtype)
         return self.decode(z)
