@@ -308,10 +308,10 @@ def degree_stage(args, res: Results, students: dict[float, BetaVAEGAN]) -> None:
     fig.tight_layout()
     fig.savefig(args.out / "degree_curve.png", dpi=110)
     plt.close(fig)
-    if 1.0 in students:
-        s = students[1.0]
-        image_grid([(f"z6={d:+.2f}", s.generate(normal[:8], d)) for d in DEGREES], args.out / "degree_samples.png",
-                   title="pseudo-anomalies of increasing degree (student gamma=1) on 8 normal sprites")
+    for gamma, s in students.items():
+        name = "degree_samples.png" if gamma == 1.0 else f"degree_samples_g{gamma:g}.png"
+        image_grid([(f"z6={d:+.2f}", s.generate(normal[:8], d)) for d in DEGREES], args.out / name,
+                   title=f"pseudo-anomalies of increasing degree (student gamma={gamma:g}) on 8 normal sprites")
 
 
 def write_table(args, res: Results) -> str:
