@@ -202,9 +202,12 @@ def student_overrides(args) -> dict:
     return out
 
 
+def _value(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else f"{v}"
+
+
 def _tags(overrides: dict) -> str:
-    return "".join(f"_{_SUFFIX.get(k, k)}{v:g}" if isinstance(v, float) else f"_{_SUFFIX.get(k, k)}{v}"
-                   for k, v in sorted(overrides.items()))
+    return "".join(f"_{_SUFFIX.get(k, k)}{_value(v)}" for k, v in sorted(overrides.items()))
 
 
 def _student_stage_name(gamma: float, seed: int, overrides: dict) -> str:
@@ -213,11 +216,11 @@ def _student_stage_name(gamma: float, seed: int, overrides: dict) -> str:
 
 
 def _describe(overrides: dict) -> str:
-    return "".join(f", {k}={v:g}" if isinstance(v, float) else f", {k}={v}" for k, v in sorted(overrides.items()))
+    return "".join(f", {k}={_value(v)}" for k, v in sorted(overrides.items()))
 
 
 def student_stage(args, res: Results, teacher: BetaVAE, gamma: float, seed: int) -> BetaVAEGAN:
-    overrides = student_overrides(args)
+    overrides = args.overrides
     stage = _student_stage_name(gamma, seed, overrides)
     path = args.out / stage
     if (path / "model.json").is_file():
@@ -276,7 +279,7 @@ def degree_stage(args, res: Results, students: dict[float, BetaVAEGAN]) -> None:
     real_scores = detector.score(normal).numpy()
     curves = {}
     for gamma, student in students.items():
-        stage = f"degree_g{gamma:g}{_tags(student_overrides(args))}"
+        stage = f"degree_g{gamma:g}{_tags(args.overrides)}"
         recon = student.decode(student.encode(normal))
         recon_scores = detector.score(recon).numpy()
         rows = []
@@ -290,7 +293,7 @@ def degree_stage(args, res: Results, students: dict[float, BetaVAEGAN]) -> None:
                          "auroc_vs_real": image_auroc(labels, np.r_[real_scores, s]), "redness": redness})
         curves[gamma] = rows
         if stage not in res:
-            res.add({"stage": stage, "gamma": gamma, "overrides": student_overrides(args),
+            res.add({"stage": stage, "gamma": gamma, "overrides": args.overrides,
                      "detector": "pca(n_components=32) on 2,000 white sprites",
                      "n_images": N_DEGREE_IMAGES, "curve": rows})
     import matplotlib.pyplot as plt
@@ -329,7 +332,7 @@ def write_table(args, res: Results) -> str:
     if w:
         lines.append(f"| teacher option: beta warm-up over {w['kl_warmup_steps']} steps | {fmt(w['d_acc_5'])} | - | - "
                      f"| - | {w['steps']} x {w['batch_size']} | {w['train_cpu_s'] / 60:.1f} | {w['seed']} |")
-    for overrides in ({}, student_overrides(args)) if student_overrides(args) else ({},):
+    for overrides in ({}, args.overrides) if args.overrides else ({},):
         for gamma in GAMMAS:
             for seed in args.seeds:
                 r = res.rows.get(_student_stage_name(gamma, seed, overrides))
@@ -399,6 +402,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-figures", dest="figures", action="store_false")
     p.add_argument("--progress", action="store_true", help="progress bars")
     args = p.parse_args(argv)
+    args.overrides = student_overrides(args)  # checked here, before any training
     if args.paper:
         args.teacher_steps, args.student_steps, args.pool_size = PAPER_TEACHER_STEPS, PAPER_STUDENT_STEPS, 0
         args.device, args.track = "auto", True
