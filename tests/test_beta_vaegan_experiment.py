@@ -31,3 +31,30 @@ def test_overrides_are_named_and_described():
 def test_bad_student_set_is_a_clear_error(item):
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         exp.student_overrides(_args(student_set=[item]))
+
+
+def _student_row(gamma, corr, overrides=None, seed=0):
+    stage = exp._student_stage_name(gamma, seed, overrides or {})
+    return {"stage": stage, "model": "student", "gamma": gamma, "seed": seed, "overrides": overrides or {},
+            "steps": 3000, "batch_size": 32, "train_cpu_s": 600.0, "d_acc_5": 0.7, "d_acc_6": 0.65,
+            "correspondence": corr}
+
+
+def test_every_stored_setting_is_tabled_and_plotted(tmp_path):
+    res = exp.Results(tmp_path / "results.jsonl")
+    res.add(_student_row(1.0, 0.9))
+    res.add(_student_row(0.0, 0.0, {"w_kd": 30.0}))
+    res.add(_student_row(1.0, 0.25, {"w_kd": 30.0}))
+    groups = exp.student_rows(exp.Results(tmp_path / "results.jsonl"))  # reloaded from the file
+    assert list(groups) == ["", ", w_kd=30"]  # the budget first
+    assert list(groups[", w_kd=30"]) == [(0.0, 0), (1.0, 0)]
+    args = argparse.Namespace(out=tmp_path, pool_size=10_000, overrides={})  # the table of a plain rerun
+    text = exp.write_table(args, res)
+    assert "| student gamma=0, w_kd=30 | 0.700 | 0.650 | 0.00 | 0.826 / 0.667 / 0.00 |" in text
+    assert "| student gamma=1 | 0.700 | 0.650 | 0.90 |" in text
+    png = exp.correspondence_figure(res, tmp_path / "correspondence.png")
+    assert png.is_file() and png.stat().st_size > 5_000
+
+
+def test_no_students_no_figure(tmp_path):
+    assert exp.correspondence_figure(exp.Results(tmp_path / "r.jsonl"), tmp_path / "c.png") is None

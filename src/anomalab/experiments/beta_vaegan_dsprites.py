@@ -317,6 +317,55 @@ def degree_stage(args, res: Results, students: dict[float, BetaVAEGAN]) -> None:
                    title=f"pseudo-anomalies of increasing degree (student gamma={gamma:g}) on 8 normal sprites")
 
 
+def student_rows(res: Results) -> dict[str, dict[tuple[float, int], dict]]:
+    """Stored student rows grouped by setting (", w_kd=30" etc.; "" = the budget), budget first, then
+    sorted by name; within a setting sorted by (gamma, seed)."""
+    groups: dict[str, dict[tuple[float, int], dict]] = {}
+    for r in res.rows.values():
+        if r.get("model") == "student":
+            groups.setdefault(_describe(r.get("overrides", {})), {})[(r["gamma"], r["seed"])] = r
+    return {k: dict(sorted(groups[k].items())) for k in sorted(groups, key=lambda k: (k != "", k))}
+
+
+def correspondence_figure(res: Results, path: Path) -> Path | None:
+    """Heatmap of the added-factor correspondence by gamma (columns) and student setting (rows), the
+    source's Table 1 on top; D-acc (5) / D-acc (6) under each value. None when no student is stored."""
+    groups = {k: v for k, v in student_rows(res).items() if v}
+    if not groups:
+        return None
+    import matplotlib.pyplot as plt
+
+    gammas = sorted({g for cells in groups.values() for g, _ in cells})
+    budget = f"w_kd={_value(STUDENT['w_kd'])}, w_adv={_value(STUDENT['w_adv'])}"
+    labels = ["source (Table 1)"] + [k[2:] if k else budget for k in groups]
+    grid = np.full((len(labels), len(gammas)), np.nan)
+    text = [[""] * len(gammas) for _ in labels]
+    for j, g in enumerate(gammas):
+        src = SOURCE_TABLE1.get(g)
+        if src:
+            grid[0, j] = src[2]
+            text[0][j] = f"{src[2]:.2f}\n{src[0]:.2f} / {src[1]:.2f}"
+        for i, cells in enumerate(groups.values(), start=1):
+            rows = [r for (gg, _), r in cells.items() if gg == g]
+            if rows:  # first seed shown; others are listed in results.md
+                r = rows[0]
+                grid[i, j] = r["correspondence"]
+                text[i][j] = f"{r['correspondence']:.2f}\n{r['d_acc_5']:.2f} / {r['d_acc_6']:.2f}"
+    fig, ax = plt.subplots(figsize=(1.5 + 1.3 * len(gammas), 0.9 + 0.6 * len(labels)))
+    ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    for i in range(len(labels)):
+        for j in range(len(gammas)):
+            ax.text(j, i, text[i][j] or "-", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(gammas)), [f"gamma={g:g}" for g in gammas])
+    ax.set_yticks(range(len(labels)), labels)
+    ax.axhline(0.5, color="black", lw=1.5)
+    ax.set_title("added-factor correspondence (colour votes on z6)\nunder it: D-acc 5 original / all 6", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_table(args, res: Results) -> str:
     def fmt(v, spec=".3f"):
         return "-" if v is None else format(v, spec)
@@ -332,17 +381,13 @@ def write_table(args, res: Results) -> str:
     if w:
         lines.append(f"| teacher option: beta warm-up over {w['kl_warmup_steps']} steps | {fmt(w['d_acc_5'])} | - | - "
                      f"| - | {w['steps']} x {w['batch_size']} | {w['train_cpu_s'] / 60:.1f} | {w['seed']} |")
-    for overrides in ({}, args.overrides) if args.overrides else ({},):
-        for gamma in GAMMAS:
-            for seed in args.seeds:
-                r = res.rows.get(_student_stage_name(gamma, seed, overrides))
-                if not r:
-                    continue
-                src = SOURCE_TABLE1[gamma]
-                name = f"student gamma={gamma:g}" + _describe(overrides)
-                lines.append(f"| {name} | {fmt(r['d_acc_5'])} | {fmt(r['d_acc_6'])} | "
-                             f"{fmt(r['correspondence'], '.2f')} | {src[0]:.3f} / {src[1]:.3f} / {src[2]:.2f} | "
-                             f"{r['steps']} x {r['batch_size']} | {r['train_cpu_s'] / 60:.1f} | {seed} |")
+    for setting, cells in student_rows(res).items():  # every stored setting: the budget's first
+        for (gamma, seed), r in cells.items():
+            src = SOURCE_TABLE1.get(gamma, (None, None, None))
+            lines.append(f"| student gamma={gamma:g}{setting} | {fmt(r['d_acc_5'])} | {fmt(r['d_acc_6'])} | "
+                         f"{fmt(r['correspondence'], '.2f')} | {fmt(src[0])} / {fmt(src[1])} / "
+                         f"{fmt(src[2], '.2f')} | {r['steps']} x {r['batch_size']} | "
+                         f"{r['train_cpu_s'] / 60:.1f} | {seed} |")
     check = res.rows.get("teacher_pool_check")
     pool = (f"votes drawn from a pool of {args.pool_size:,} encoded images (pooled votes)" if args.pool_size
             else "exact sampling")
@@ -421,6 +466,8 @@ def main(argv: list[str] | None = None) -> None:
         degree_stage(args, res, students)
     if args.check_pool:
         pool_check_stage(args, res, teacher)
+    if args.figures:
+        correspondence_figure(res, args.out / "correspondence.png")
     print(write_table(args, res))
 
 
