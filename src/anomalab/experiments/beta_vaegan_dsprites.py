@@ -7,6 +7,8 @@ Stages (each resumable: finished rows in results.jsonl and saved models are skip
    6 factors (colour as sixth factor), and the added-factor correspondence (100 colour votes).
 3. figures: traversals of teacher vs student (gamma = 1); pseudo-anomalies at increasing degree scored by
    a PCA detector fitted on normal (white) sprites: AUROC vs degree for every gamma.
+4. results.md and correspondence.png: every student stored in results.jsonl, whatever its setting (rows
+   of several runs can be merged into one folder), beside the source's Table 1.
 
 The default budget fits a shared 2-core CPU (stated beside every number in results.md); `--paper` runs a
 long schedule of ours (the source gives none) with the exact (non-pooled) metric, on a GPU when present.
@@ -444,7 +446,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="students: any BetaVAEGAN parameter, value as JSON (e.g. w_pixel=0); repeatable; "
                         "cells with other parameters are stored as separate stages")
     p.add_argument("--no-check-pool", dest="check_pool", action="store_false")
-    p.add_argument("--no-figures", dest="figures", action="store_false")
+    p.add_argument("--no-figures", dest="figures", action="store_false",
+                   help="skip the traversal and degree figures (correspondence.png, drawn from the table, is kept)")
     p.add_argument("--progress", action="store_true", help="progress bars")
     args = p.parse_args(argv)
     args.overrides = student_overrides(args)  # checked here, before any training
@@ -466,8 +469,7 @@ def main(argv: list[str] | None = None) -> None:
         degree_stage(args, res, students)
     if args.check_pool:
         pool_check_stage(args, res, teacher)
-    if args.figures:
-        correspondence_figure(res, args.out / "correspondence.png")
+    correspondence_figure(res, args.out / "correspondence.png")  # from the table alone: always
     print(write_table(args, res))
 
 
