@@ -361,7 +361,10 @@ def correspondence_figure(res: Results, path: Path) -> Path | None:
     ax.set_xticks(range(len(gammas)), [f"gamma={g:g}" for g in gammas])
     ax.set_yticks(range(len(labels)), labels)
     ax.axhline(0.5, color="black", lw=1.5)
-    ax.set_title("added-factor correspondence (colour votes on z6)\nunder it: D-acc 5 original / all 6", fontsize=9)
+    t = res.rows.get("teacher")
+    teacher = f"; teacher D-acc {t['d_acc_5']:.3f} (source {SOURCE_TABLE1['teacher'][0]:.3f})" if t else ""
+    ax.set_title(f"added-factor correspondence (colour votes on z6)\nunder it: D-acc 5 original / all 6{teacher}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
