@@ -225,8 +225,8 @@ class BetaVAEGAN(LatentModel):
         `degree` (a float or (N,); larger = stronger added feature) and decode -> (N, 3, 64, 64).
 
         The degree is the dim's absolute value, as in the source. Where normal images sit on it is learnt:
-        `encode(images)[:, added_dim]` tells (in our dSprites run white sprites sit at ~1.9 and the reddest
-        added level at ~2.8, so degrees 2 .. 5 go from white to red; values far below the data's codes
+        `encode(images)[:, added_dim]` tells (in our dSprites runs white sprites sit at ~1.7-1.9 and the
+        reddest added level at ~2.8-2.9, so degrees 2 .. 5 go from white to red; values far below the data's codes
         decode to artefacts)."""
         z = self.encode(images)
         z[:, self.added_dim] = torch.as_tensor(degree, dtype=z.dtype)
