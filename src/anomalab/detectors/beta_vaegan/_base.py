@@ -28,6 +28,9 @@ from anomalab.detector import (
 from anomalab.train.loop import run_epochs
 
 META_FILE = "model.json"  # beside weights.safetensors; checked like detector.json (format, version)
+# the optimisers' state (Adam moments and step counts), so that training resumed from a saved folder in a new
+# process continues exactly as an uncut run would (without it Adam restarts from zero moments)
+OPTIMIZER_FILE = "optimizer.safetensors"
 
 
 class DrawnBatches:
@@ -152,12 +155,40 @@ class LatentModel(Params):
         return self.decode(z)
 
     # ---- save / load ---------------------------------------------------------------------------
+    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {k: v for k, v in vars(self).items() if isinstance(v, torch.optim.Optimizer)}
+
+    def _optimizer_state(self) -> dict[str, Tensor]:
+        """The optimisers' per-parameter state as flat tensors '{optimizer}.{param index}.{key}'
+        (hyper-parameters are rebuilt from the model's params, so only the tensors are kept)."""
+        flat = {}
+        for name, opt in self._optimizers().items():
+            for pid, state in opt.state_dict()["state"].items():
+                for key, value in state.items():
+                    flat[f"{name}.{pid}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        return flat
+
+    def _load_optimizer_state(self, flat: dict[str, Tensor]) -> None:
+        for name, opt in self._optimizers().items():
+            sd = opt.state_dict()
+            state: dict[int, dict[str, Tensor]] = {}
+            for k, value in flat.items():
+                owner, pid, key = k.split(".", 2)
+                if owner == name:
+                    state.setdefault(int(pid), {})[key] = value
+            sd["state"] = state
+            opt.load_state_dict(sd)  # moves the moments to the parameters' device
+
     def save(self, path: str | Path) -> None:
-        """Write `path/weights.safetensors` and `path/model.json`."""
+        """Write `path/weights.safetensors`, `path/optimizer.safetensors` (to resume training) and
+        `path/model.json`."""
         self._check_fitted()
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_file(nets_state(self._nets()), str(path / WEIGHTS_FILE))
+        optimizer_state = self._optimizer_state()
+        if optimizer_state:
+            save_file(optimizer_state, str(path / OPTIMIZER_FILE))
         meta = {"format_version": FORMAT_VERSION, "anomalab_version": __version__, "name": self.name,
                 "params": self.get_params(), "steps_done": self.steps_done_, "history": self.history_}
         (path / META_FILE).write_text(json.dumps(meta, indent=1))
@@ -177,4 +208,6 @@ class LatentModel(Params):
                         f"{path / WEIGHTS_FILE} ({cls.name})")
         model.steps_done_ = int(meta.get("steps_done", 0))
         model.history_ = list(meta.get("history", []))
+        if (path / OPTIMIZER_FILE).is_file():  # folders saved before it existed resume with fresh moments
+            model._load_optimizer_state(load_file(str(path / OPTIMIZER_FILE)))
         return model
