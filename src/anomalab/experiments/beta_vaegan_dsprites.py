@@ -332,7 +332,7 @@ def student_rows(res: Results) -> dict[str, dict[tuple[float, int], dict]]:
 def correspondence_figure(res: Results, path: Path) -> Path | None:
     """Heatmap of the added-factor correspondence by gamma (columns) and student setting (rows), the
     source's Table 1 on top; D-acc (5) / D-acc (6) under each value. None when no student is stored."""
-    groups = {k: v for k, v in student_rows(res).items() if v}
+    groups = student_rows(res)  # a setting is only there with at least one row
     if not groups:
         return None
     import matplotlib.pyplot as plt

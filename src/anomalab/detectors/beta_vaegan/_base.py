@@ -189,6 +189,8 @@ class LatentModel(Params):
         optimizer_state = self._optimizer_state()
         if optimizer_state:
             save_file(optimizer_state, str(path / OPTIMIZER_FILE))
+        else:  # not trained yet: no moments, and none left over from a model saved here before
+            (path / OPTIMIZER_FILE).unlink(missing_ok=True)
         meta = {"format_version": FORMAT_VERSION, "anomalab_version": __version__, "name": self.name,
                 "params": self.get_params(), "steps_done": self.steps_done_, "history": self.history_}
         (path / META_FILE).write_text(json.dumps(meta, indent=1))
