@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/anomalab demo
+	$(BIN)/anomalab demo --overwrite
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

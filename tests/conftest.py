@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,3 +43,45 @@ def tiny_case(mnist) -> tuple[ImageSet, ImageSet]:
     )
     train.labels = torch.zeros(len(train), dtype=torch.long)
     return train, test
+
+
+def write_png(path, array) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)).save(path)
+
+
+def build_mvtec_tree(root, n_train: int = 24, size: int = 16):
+    """<root>: n_train smooth good images, test: 6 good + 6 'scratch' with masks, size x size gray."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+
+    def good():
+        return 100 + 40 * np.sin(xx / 3 + rng.uniform(0, 6)) + rng.normal(0, 3, (size, size))
+
+    for i in range(n_train):
+        write_png(root / "train" / "good" / f"{i:03d}.png", good())
+    for i in range(6):
+        write_png(root / "test" / "good" / f"{i:03d}.png", good())
+        img, mask = good(), np.zeros((size, size))
+        img[3:13, 7:9] = 255
+        mask[3:13, 7:9] = 255
+        write_png(root / "test" / "scratch" / f"{i:03d}.png", img)
+        write_png(root / "ground_truth" / "scratch" / f"{i:03d}_mask.png", mask)
+    return root
+
+
+@pytest.fixture(scope="module")
+def mvtec_tree(tmp_path_factory):
+    return build_mvtec_tree(tmp_path_factory.mktemp("data") / "widget")
+
+
+def cli(*args):
+    """(exit code, output) of `anomalab ARGS` run in-process."""
+    from click.testing import CliRunner
+
+    from anomalab.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output

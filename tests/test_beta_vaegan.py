@@ -5,9 +5,9 @@ from torch.distributions import Normal, kl_divergence
 
 from anomalab.data.dsprites import ColouredDSprites, DSprites, added_factors
 from anomalab.detector import LoadError
-from anomalab.detectors.beta_vaegan import BetaVAE, BetaVAEGAN
-from anomalab.detectors.beta_vaegan import losses as L
-from anomalab.detectors.beta_vaegan.nets import Decoder64, Discriminator64, Encoder64
+from anomalab.generate.beta_vaegan import BetaVAE, BetaVAEGAN
+from anomalab.generate.beta_vaegan import losses as L
+from anomalab.generate.beta_vaegan.nets import Decoder64, Discriminator64, Encoder64
 from anomalab.types import ImageSet
 
 
@@ -96,9 +96,9 @@ def test_teacher_trains_deterministically_and_round_trips(teacher, tmp_path):
 
 
 def test_student_starts_from_teacher_and_trains(teacher, added, tmp_path):
-    s = BetaVAEGAN(gamma=1.0, steps=0, batch_size=8, seed=0)
+    s = BetaVAEGAN(gamma=1.0, steps=4, batch_size=8, seed=0)
     s.progress = False
-    s.fit(teacher, added)
+    s.fit(teacher, added, steps=0)
     white = DSprites().images(np.arange(0, 737_280, 91_000))
     torch.testing.assert_close(s.encode(white)[:, :5], teacher.encode(white))  # gray -> RGB white input
     # the added dim starts unread and unwritten: z6 = 0 for every image, and the decoder ignores it
@@ -119,9 +119,9 @@ def test_student_starts_from_teacher_and_trains(teacher, added, tmp_path):
 
 def test_discriminator_sees_real_images_with_the_wrong_label(teacher, added):
     """D's loss has the wrong-label term (real x with 1 - y as a negative); E_s/G's loss does not change."""
-    s = BetaVAEGAN(gamma=1.0, steps=0, batch_size=8, seed=0)
+    s = BetaVAEGAN(gamma=1.0, steps=4, batch_size=8, seed=0)
     s.progress = False
-    s.fit(teacher, added)
+    s.fit(teacher, added, steps=0)
     x, y = s._draw(np.random.default_rng(0))
     out = {}
     for w in (0.0, 2.0):
@@ -146,9 +146,9 @@ def test_generate_command_writes_pseudo_anomalies(teacher, added, tmp_path):
 
     from anomalab.cli import main
 
-    s = BetaVAEGAN(gamma=1.0, steps=0, batch_size=8, seed=0)
+    s = BetaVAEGAN(gamma=1.0, steps=4, batch_size=8, seed=0)
     s.progress = False
-    s.fit(teacher, added)
+    s.fit(teacher, added, steps=0)
     s.save(tmp_path / "run" / "model")
     (tmp_path / "in").mkdir()
     for i, img in enumerate(DSprites().images(np.array([0, 400_000]))):
@@ -159,7 +159,7 @@ def test_generate_command_writes_pseudo_anomalies(teacher, added, tmp_path):
     # untrained added dim (zero init): every input sits at 0 on it, and the command says so
     assert "added dim set to 0.8" in result.output and "mean 0.00, range 0.00 .. 0.00" in result.output
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert written == ["sprite0.png", "sprite1.png"]
+    assert written == ["generate.json", "sprite0.png", "sprite1.png"]  # generate.json: how they were made
     assert Image.open(tmp_path / "out" / "sprite0.png").size == (64, 64)
     result = CliRunner().invoke(main, ["generate", str(tmp_path / "in"), "--images", str(tmp_path / "in"),
                                        "--out", str(tmp_path / "out2")])
@@ -167,8 +167,7 @@ def test_generate_command_writes_pseudo_anomalies(teacher, added, tmp_path):
 
 
 def test_teacher_kl_warmup_ramps_beta():
-    t = BetaVAE(beta=4.0, kl_warmup_steps=10, steps=0, batch_size=2)
-    t.fit(steps=0)
+    t = BetaVAE(beta=4.0, kl_warmup_steps=10, batch_size=2).start()
     assert t.beta_now == 0.0
     t.progress = False
     t.train_more(5)
@@ -180,9 +179,9 @@ def test_teacher_kl_warmup_ramps_beta():
 def test_training_resumed_from_a_saved_folder_matches_an_uncut_run(teacher, added, tmp_path):
     """Adam's moments are saved with the weights: 2 steps + save + load + 2 steps == 4 steps."""
     def student():
-        s = BetaVAEGAN(gamma=1.0, steps=0, batch_size=8, seed=0)
+        s = BetaVAEGAN(gamma=1.0, steps=4, batch_size=8, seed=0)
         s.progress = False
-        return s.fit(teacher, added)
+        return s.fit(teacher, added, steps=0)
 
     def resumed():  # load the cut run in "a new process" and train the last 2 steps
         s = BetaVAEGAN.load(tmp_path / "cut")

@@ -5,7 +5,9 @@ import argparse
 
 import pytest
 
+from anomalab.errors import ParameterError
 from anomalab.experiments import beta_vaegan_dsprites as exp
+from anomalab.runs.store import ResultStore
 
 
 def _args(**kw):
@@ -27,10 +29,20 @@ def test_overrides_are_named_and_described():
     assert exp._describe(o) == ", kl_warmup_steps=200, w_adv=1, w_kd=1, w_pixel=0"
 
 
-@pytest.mark.parametrize("item", ["w_adv", "nope=1"])
-def test_bad_student_set_is_a_clear_error(item):
-    with pytest.raises(SystemExit, match="KEY=VALUE"):
+@pytest.mark.parametrize("item, message", [("w_adv", "not key=value"), ("nope=1", "no parameter 'nope'"),
+                                           ("w_adv=ten", "w_adv must be a number, got 'ten'"),
+                                           ("w_adv=-1", "w_adv must be >= 0")])
+def test_bad_student_set_is_one_parameter_error(item, message):
+    with pytest.raises(ParameterError, match=message) as err:
         exp.student_overrides(_args(student_set=[item]))
+    assert "\n" not in str(err.value)
+
+
+def test_a_bad_student_value_fails_before_the_teacher_trains(tmp_path, monkeypatch):
+    monkeypatch.setattr(exp, "teacher_stage", lambda *a: pytest.fail("trained despite a bad --student-set"))
+    with pytest.raises(ParameterError, match="beta_vaegan student: w_kd"):
+        exp.main(["--out", str(tmp_path), "--student-set", "w_kd=lots"])
+    assert not (tmp_path / "results.jsonl").exists()
 
 
 def _student_row(gamma, corr, overrides=None, seed=0):
@@ -41,15 +53,15 @@ def _student_row(gamma, corr, overrides=None, seed=0):
 
 
 def test_every_stored_setting_is_tabled_and_plotted(tmp_path):
-    res = exp.Results(tmp_path / "results.jsonl")
+    res = exp.open_store(tmp_path, exp.KEY)
     res.add(_student_row(1.0, 0.9))
     res.add(_student_row(0.0, 0.0, {"w_kd": 30.0}))
     res.add(_student_row(1.0, 0.25, {"w_kd": 30.0}))
-    groups = exp.student_rows(exp.Results(tmp_path / "results.jsonl"))  # reloaded from the file
+    groups = exp.student_rows(ResultStore(tmp_path / "results.jsonl", exp.KEY))  # reloaded from the file
     assert list(groups) == ["", ", w_kd=30"]  # the budget first
     assert list(groups[", w_kd=30"]) == [(0.0, 0), (1.0, 0)]
     args = argparse.Namespace(out=tmp_path, pool_size=10_000, overrides={})  # the table of a plain rerun
-    text = exp.write_table(args, res)
+    text = "\n".join(exp.table_lines(res, args))
     assert "| student gamma=0, w_kd=30 | 0.700 | 0.650 | 0.00 | 0.826 / 0.667 / 0.00 |" in text
     assert "| student gamma=1 | 0.700 | 0.650 | 0.90 |" in text
     png = exp.correspondence_figure(res, tmp_path / "correspondence.png")
@@ -57,4 +69,14 @@ def test_every_stored_setting_is_tabled_and_plotted(tmp_path):
 
 
 def test_no_students_no_figure(tmp_path):
-    assert exp.correspondence_figure(exp.Results(tmp_path / "r.jsonl"), tmp_path / "c.png") is None
+    assert exp.correspondence_figure(ResultStore(tmp_path / "r.jsonl", exp.KEY), tmp_path / "c.png") is None
+
+
+def test_stage_rows_of_earlier_runs_still_load(tmp_path):
+    """results.jsonl as the teacher stage writes it (and a last line cut by a kill) loads by stage."""
+    (tmp_path / "results.jsonl").write_text(
+        '{"stage": "teacher_track_1000", "model": "teacher", "step": 1000, "quick_factor_vae": 0.645}\n'
+        '{"stage": "teacher", "model": "teacher", "seed": 0, "steps": 2000, "d_acc_5": 0.7}\n{"stage": "tea')
+    res = exp.open_store(tmp_path, exp.KEY)
+    assert ("teacher",) in res and ("teacher_track_1000",) in res and len(res) == 2
+    assert exp.stored(res, "teacher")["d_acc_5"] == 0.7 and exp.stored(res, "teacher_warmup") is None

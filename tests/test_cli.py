@@ -91,7 +91,7 @@ def test_fit_score_evaluate_report_round_trip(tree, tmp_path):
     assert code == 0 and (tmp_path / "both.html").is_file()
 
     code, text = run("export", out, "--out", tmp_path / "m.onnx")
-    assert code == 0 and (tmp_path / "m.onnx").is_file() and (tmp_path / "onnx.json").is_file()
+    assert code == 0 and (tmp_path / "m.onnx").is_file() and (tmp_path / "m.onnx.json").is_file()
     code, text = run("export", out, "--out", tmp_path / "m.onnx")
     assert code == 2 and "--overwrite" in text
 

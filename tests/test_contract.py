@@ -107,3 +107,66 @@ def test_load_refuses_incomplete_or_foreign_folders(fitted, tmp_path):
     meta_path.write_text(meta_path.read_text().replace(al.__version__, "9.9.0"))
     with pytest.raises(LoadError, match="9.9.0"):
         al.load(tmp_path / "v")
+
+
+def _quick(name: str) -> dict:
+    """The contract parameters with the fewest epochs that still run every code path."""
+    params = dict(CONTRACT_PARAMS[name])
+    if "epochs" in params:
+        params["epochs"] = 1
+    if "n_steps" in params:
+        params["n_steps"] = 3
+    return params
+
+
+@pytest.mark.parametrize("name", sorted(CONTRACT_PARAMS))
+@pytest.mark.parametrize("train_shape, test_shape", [((3, 32, 32), (3, 24, 40)), ((1, 24, 40), (3, 32, 32))])
+def test_rgb_and_non_square_images(name, train_shape, test_shape, mnist):
+    """Fit on RGB or non-square images, score others: finite scores, maps at each input's own resolution."""
+    g = torch.Generator().manual_seed(0)
+    digits = mnist.images[:24]
+
+    def make(shape, n):
+        c, h, w = shape
+        x = torch.nn.functional.interpolate(digits[:n], size=(h, w), mode="bilinear", align_corners=False)
+        tint = torch.rand(n, c, 1, 1, generator=g) * 0.5 + 0.5
+        return (x.expand(-1, c, -1, -1) * tint).clamp(0, 1).contiguous()
+
+    det = al.create(name, **_quick(name)).fit(make(train_shape, 24))
+    test = make(test_shape, 4)
+    scores = det.score(test)
+    assert scores.shape == (4,) and torch.isfinite(scores).all()
+    try:
+        maps = det.score_map(test)
+    except NotImplementedError:
+        return
+    assert maps.shape == (4, *test_shape[1:]) and torch.isfinite(maps).all()
+
+
+@pytest.mark.parametrize("name", sorted(CONTRACT_PARAMS))
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (torch.rand(4, 28, 28), "(N, C, H, W)"),
+        (torch.full((4, 1, 28, 28), float("nan")), "NaN"),
+        (torch.rand(4, 5, 28, 28), "channels"),
+        (torch.rand(4, 1, 28, 28) * 3, "[0, 1]"),
+        (torch.rand(0, 1, 28, 28), "no images"),
+    ],
+)
+def test_bad_training_input_gives_a_clear_error(name, bad, message):
+    from anomalab.errors import UserError
+
+    det = al.create(name, **CONTRACT_PARAMS[name])
+    with pytest.raises(UserError) as info:
+        det.fit(bad)
+    assert message in str(info.value) and f"{name}.fit" in str(info.value)
+    assert not det.is_fitted
+
+
+def test_refit_with_the_same_seed_is_identical(fitted, tiny_case):
+    """Bit-identical scores after refitting with the same seed (a stricter twin of test_same_seed_same_scores)."""
+    name, det = fitted
+    train, test = tiny_case
+    again = al.create(name, **CONTRACT_PARAMS[name]).fit(train)
+    assert torch.equal(det.score(test.images), again.score(test.images)), name

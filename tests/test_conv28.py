@@ -1,4 +1,5 @@
-"""The seed-2 network of METHODS.md section 1, exactly, and how it adapts to other inputs."""
+"""conv28, the 28x28 convolutional AE/VAE network of the source (docs/detectors/conv_ae_vae.md), exactly, and
+how it adapts to other inputs."""
 
 import pytest
 import torch

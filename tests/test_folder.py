@@ -2,9 +2,21 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from anomalab.data.folder import iter_batches, list_images, list_mvtec, load_folder, load_mvtec
+from anomalab.data import folder as folder_mod
+from anomalab.data.folder import (
+    Sample,
+    iter_batches,
+    list_images,
+    list_mvtec,
+    load_folder,
+    load_mvtec,
+    load_samples,
+    read_image,
+)
+from anomalab.errors import DataError, DataNotFoundError, ParameterError
 
 
 def _png(path, h=16, w=16, rgb=False, value=None, seed=0):
@@ -114,3 +126,164 @@ def test_streaming_batches_match_full_load(tree):
     parts = list(iter_batches(samples, batch_size=2, size=16, channels=1))
     assert [len(p) for p in parts] == [2, 2, 1]
     assert np.array_equal(np.concatenate([p.images.numpy() for p in parts]), full.images.numpy())
+
+
+# ---- pixel values by file type -----------------------------------------------------------------------
+
+
+def _big_png(path, w=14_000, h=14_000):
+    """A valid 1-bit PNG of w x h blank pixels, written row by row (~24 KB on disk, nothing big in memory)."""
+    import struct
+    import zlib
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    row = b"\0" * (1 + (w + 7) // 8)
+    z = zlib.compressobj(9)
+    data = b"".join(z.compress(row) for _ in range(h)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("top", [630, 60_000])  # dark (old code stretched it by /255) and bright
+def test_16bit_png_is_scaled_by_the_type_range(tmp_path, top):
+    arr = np.linspace(0, top, 64, dtype=np.float64).round().astype(np.uint16).reshape(8, 8)
+    Image.fromarray(arr).save(tmp_path / "a.png")
+    assert Image.open(tmp_path / "a.png").mode.startswith("I")
+    x = read_image(tmp_path / "a.png")
+    assert x.shape == (1, 8, 8)
+    np.testing.assert_array_equal(x[0], arr.astype(np.float32) / 65535.0)
+    data = load_folder(tmp_path)
+    assert data.images.shape == (1, 1, 8, 8) and float(data.images.max()) == pytest.approx(top / 65535)
+
+
+def test_float_tiff_in_unit_range_is_taken_as_is_and_others_refused(tmp_path):
+    good = np.linspace(0, 1, 48, dtype=np.float32).reshape(6, 8) * 0.5
+    Image.fromarray(good).save(tmp_path / "a.tif")
+    x = read_image(tmp_path / "a.tif")
+    np.testing.assert_array_equal(x[0], good)  # was all zeros
+    resized = read_image(tmp_path / "a.tif", size=(3, 4))
+    assert resized.shape == (1, 3, 4) and 0 < resized.max() <= 0.5
+    Image.fromarray(good * 300).save(tmp_path / "b.tif")
+    with pytest.raises(DataError, match=r"b\.tif.*\[0, 1\]"):
+        read_image(tmp_path / "b.tif")
+    with pytest.raises(DataError, match=r"b\.tif"):
+        load_folder(tmp_path, on_error="raise")
+    assert load_folder(tmp_path).names == ["good/a.tif"]  # skipped under "skip"
+
+
+def test_32bit_integer_tiff_is_refused_with_the_rule(tmp_path):
+    Image.fromarray(np.arange(64, dtype=np.int32).reshape(8, 8)).save(tmp_path / "i.tif")
+    with pytest.raises(DataError, match=r"i\.tif: 32-bit integer"):
+        read_image(tmp_path / "i.tif")
+
+
+def test_gray_alpha_beside_gray_files_stays_gray_and_alpha_is_dropped(tmp_path):
+    gray = _png(tmp_path / "a.png", seed=1)
+    lum = np.random.default_rng(2).integers(0, 256, (16, 16), dtype=np.uint8)
+    alpha = np.random.default_rng(3).integers(0, 256, (16, 16), dtype=np.uint8)
+    Image.fromarray(np.stack([lum, alpha], -1), "LA").save(tmp_path / "b.png")
+    pal = Image.fromarray(lum).convert("P")
+    pal.info["transparency"] = 0
+    pal.save(tmp_path / "c.png", transparency=0)
+    data = load_folder(tmp_path)
+    assert data.images.shape == (3, 1, 16, 16)
+    np.testing.assert_array_equal(data.images[0, 0].numpy(), gray / np.float32(255.0))
+    np.testing.assert_array_equal(data.images[1, 0].numpy(), lum / np.float32(255.0))
+    np.testing.assert_array_equal(data.images[2, 0].numpy(), lum / np.float32(255.0))
+
+
+def test_rgba_drops_alpha_and_reads_like_its_rgb(tmp_path):
+    rgb = np.random.default_rng(4).integers(0, 256, (10, 12, 3), dtype=np.uint8)
+    alpha = np.random.default_rng(5).integers(0, 256, (10, 12, 1), dtype=np.uint8)
+    Image.fromarray(np.concatenate([rgb, alpha], -1), "RGBA").save(tmp_path / "a.png")
+    Image.fromarray(rgb).save(tmp_path / "b.png")
+    _png(tmp_path / "c.png", h=10, w=12, seed=6)  # a gray file among them is repeated to RGB
+    data = load_folder(tmp_path)
+    assert data.images.shape == (3, 3, 10, 12)
+    assert torch.equal(data.images[0], data.images[1])
+    assert (data.images[2, 0] == data.images[2, 1]).all()
+    gray = load_folder(tmp_path, channels=1)
+    assert torch.equal(gray.images[0], gray.images[1])
+
+
+def test_decompression_bomb_is_skipped_or_raised(tmp_path, caplog):
+    _png(tmp_path / "a.png", seed=1)
+    _big_png(tmp_path / "bomb.png")
+    assert (tmp_path / "bomb.png").stat().st_size < 100_000
+    with caplog.at_level(logging.WARNING):
+        data = load_folder(tmp_path)
+    assert data.names == ["good/a.png"] and "bomb.png" in caplog.text
+    with pytest.raises(DataError, match=r"bomb\.png"):
+        load_folder(tmp_path, on_error="raise")
+
+
+def test_pixel_limit_is_the_module_constant(tmp_path, monkeypatch):
+    _png(tmp_path / "a.png", h=16, w=16)
+    monkeypatch.setattr(folder_mod, "MAX_PIXELS", 255)
+    with pytest.raises(DataError, match=r"a\.png: 16x16 .*MAX_PIXELS"):
+        read_image(tmp_path / "a.png")
+    monkeypatch.setattr(folder_mod, "MAX_PIXELS", 256)
+    assert read_image(tmp_path / "a.png").shape == (1, 16, 16)
+
+
+@pytest.mark.parametrize("bad", ["corrupt", "size"])
+def test_unusable_mask_is_a_warning_naming_it(tree, caplog, bad):
+    mask = tree / "cat" / "ground_truth" / "crack" / "001_mask.png"
+    if bad == "corrupt":
+        mask.write_bytes(b"\x89PNG broken")
+    else:
+        _mask(mask, h=12, w=16)
+    with caplog.at_level(logging.WARNING):
+        test = load_mvtec(tree, "cat", "test")
+    assert len(test) == 5 and test.masks is None
+    assert "001_mask.png" in caplog.text and "pixel metrics unavailable" in caplog.text
+
+
+def test_size_none_is_the_most_common_size_whatever_the_order(tmp_path, caplog):
+    _png(tmp_path / "0_huge.png", h=64, w=64, seed=0)  # first by name: it used to decide the size
+    for i in range(3):
+        _png(tmp_path / f"{i + 1}.png", h=10, w=12, seed=i + 1)
+    samples = [Sample(p) for p in list_images(tmp_path)]
+    with caplog.at_level(logging.WARNING):
+        data = load_samples(samples)
+    assert data.images.shape == (4, 1, 10, 12)
+    resizing = [r for r in caplog.records if "resizing" in r.getMessage()]
+    assert len(resizing) == 1 and "1 of 4" in resizing[0].getMessage()
+    back = load_samples(samples[::-1])
+    assert back.names == data.names[::-1]
+    assert torch.equal(back.images.flip(0), data.images)
+
+
+def test_size_ties_go_to_the_smallest_area(tmp_path):
+    for i, (h, w) in enumerate([(20, 20), (8, 8), (20, 20), (8, 8)]):
+        _png(tmp_path / f"{i}.png", h=h, w=w, seed=i)
+    assert load_folder(tmp_path).shape == (1, 8, 8)
+    assert folder_mod.common_size([(4, 6), (6, 4), (5, 5), (5, 5)]) == (5, 5)
+    assert folder_mod.common_size([(4, 6), (6, 4)]) == (4, 6)
+
+
+def test_user_errors_have_user_error_classes(tmp_path):
+    with pytest.raises(DataNotFoundError):
+        list_images(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError):
+        list_images(tmp_path / "empty")
+    with pytest.raises(ParameterError, match="split"):
+        list_mvtec(tmp_path, split="val")
+    _png(tmp_path / "x" / "a.png")
+    with pytest.raises(ParameterError, match="on_error"):
+        load_folder(tmp_path / "x", on_error="ignore")
+    with pytest.raises(ParameterError, match="size"):
+        load_folder(tmp_path / "x", size=0)
+    with pytest.raises(DataNotFoundError, match="gone.png"):
+        read_image(tmp_path / "gone.png")
+
+
+def test_16bit_pgm_opened_as_mode_i_is_scaled_by_the_type_range(tmp_path):
+    arr = (np.arange(16, dtype=np.uint16) * 40).reshape(4, 4)  # dark: at most 600 of 65535
+    (tmp_path / "a.pgm").write_bytes(b"P5\n4 4\n65535\n" + arr.astype(">u2").tobytes())  # PGM: big-endian
+    assert Image.open(tmp_path / "a.pgm").mode == "I"
+    np.testing.assert_array_equal(read_image(tmp_path / "a.pgm")[0], arr.astype(np.float32) / 65535.0)

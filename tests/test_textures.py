@@ -33,6 +33,11 @@ def test_same_seed_same_files_and_overwrite_guard(tmp_path):
     with pytest.raises(FileExistsError, match="overwrite"):
         make_textures(tmp_path / "a", seed=3, **kw)
     make_textures(tmp_path / "a", seed=4, overwrite=True, **kw)
+    # the overwrite really replaced the files: another seed, other crops and defects
+    changed = [(tmp_path / "a" / f).read_bytes() != (tmp_path / "b" / f).read_bytes() for f in files]
+    assert sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.png")) == files
+    assert all(changed)
+    assert json.loads((tmp_path / "a" / "grass" / "textures.json").read_text())["seed"] == 4
 
 
 def test_train_and_test_come_from_disjoint_rows(tmp_path):

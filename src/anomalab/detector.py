@@ -3,8 +3,9 @@
 A detector's `__init__` stores hyper-parameters only. `fit` sees the data, builds the networks for the
 image shape it declares (`_model_shape`), trains, and records fitted state in attributes ending in `_`.
 Saving writes `weights.safetensors` (every tensor) and `detector.json` (name, params, input shape,
-version, threshold, JSON-able fitted state). Loading rebuilds the detector from its params and never
-unpickles anything.
+version, threshold, JSON-able fitted state), atomically (the folder is built beside its target and
+renamed). Loading checks both files, rebuilds the detector from its validated params and never unpickles
+anything; a file that is not what saving writes is a one-line LoadError naming it.
 """
 
 from __future__ import annotations
@@ -12,15 +13,21 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
+import shutil
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from anomalab import __version__
+from anomalab._version import __version__
 from anomalab.data.transforms import check_images, prepare, resize_maps
+from anomalab.errors import DataError, LoadError, NotFittedError, ParameterError, RunFolderError
+from anomalab.params import validate
 from anomalab.types import ImageSet, Threshold
 
 log = logging.getLogger(__name__)
@@ -47,9 +54,21 @@ class Generative(Protocol):
 
 @runtime_checkable
 class Trainable(Protocol):
-    """A gradient-trained detector whose training loss on a batch can be wrapped (EWC, replay)."""
+    """A gradient-trained detector that can keep training (`anomalab.train.epochs.EpochTrained`).
 
-    def loss(self, batch: Tensor) -> tuple[Tensor, dict[str, float]]: ...
+    `train_more(x, epochs=None, *, step=None, desc=None, on_step=None)` trains the current networks
+    further on prepared images x (N, C, H, W) in [0, 1]; `optimizers_` (name -> optimizer) persist
+    between calls until `reset_optimizers()`; `continual_strategies` names the strategies of
+    `anomalab.continual` its training takes. A detector trained by one loss and one optimiser also has
+    `loss(batch) -> (loss, logs)` (`anomalab.train.epochs.SingleLoss`), which ewc extends.
+    """
+
+    continual_strategies: tuple[str, ...]
+
+    def train_more(self, x: Tensor, epochs: int | None = None, *, step=None, desc: str | None = None,
+                   on_step=None) -> None: ...
+
+    def reset_optimizers(self) -> None: ...
 
 
 @runtime_checkable
@@ -57,12 +76,6 @@ class Embedder(Protocol):
     def embed(self, images: Tensor) -> Tensor: ...
 
 
-class NotFittedError(RuntimeError):
-    pass
-
-
-class LoadError(RuntimeError):
-    pass
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -151,6 +164,8 @@ class BaseDetector(Params):
         """Fit on normal images. train: ImageSet (labels ignored) or a (N, C, H, W) tensor in [0, 1]."""
         images = train.images if isinstance(train, ImageSet) else train
         check_images(images, what=f"{self.name}.fit")
+        if len(images) == 0:
+            raise DataError(f"{self.name}.fit: no images to fit on")
         if not isinstance(train, ImageSet):
             train = ImageSet(images=images)
         shape = self._model_shape(tuple(images.shape[1:]))
@@ -211,11 +226,12 @@ class BaseDetector(Params):
         return tensors
 
     def save(self, path: str | Path) -> None:
-        """Write `path/weights.safetensors` and `path/detector.json`."""
+        """Write `path/weights.safetensors` and `path/detector.json` as one folder, atomically: it is built
+        beside `path` and renamed into place, so `path` holds the old detector or the new one, never a mix.
+        Other files of an earlier saved detector there are kept; a folder that holds files but no
+        detector.json (not a saved detector) is refused with a RunFolderError and left as it is."""
         self._check_fitted()
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save_file(self.state_tensors(), str(path / WEIGHTS_FILE))
+        tensors = self.state_tensors()
         fitted = {attr: getattr(self, attr, None) for attr in self._fitted_json}
         meta = {
             "format_version": FORMAT_VERSION,
@@ -226,22 +242,61 @@ class BaseDetector(Params):
             "threshold": self.threshold_.to_dict() if self.threshold_ is not None else None,
             "fitted": fitted,
         }
-        (path / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
+        text = json.dumps(meta, indent=1, default=str)
+
+        def write(folder: Path) -> None:
+            save_file(tensors, str(folder / WEIGHTS_FILE))
+            (folder / META_FILE).write_text(text)
+
+        write_saved_folder(path, META_FILE, write, own=(WEIGHTS_FILE, META_FILE), what="detector")
 
     @classmethod
     def load(cls, path: str | Path) -> BaseDetector:
+        """The detector saved in `path`. Everything in the folder is checked first: a file that is not
+        what `save` writes (bad JSON or types, unknown keys, params `validate` refuses, a truncated or
+        foreign weights file, unexpected tensors, NaN or infinite values) is a one-line LoadError naming it."""
         path = Path(path)
         meta = read_meta(path)
+        meta_file, weights_file = path / META_FILE, path / WEIGHTS_FILE
         if meta["name"] != cls.name:
             raise LoadError(f"{path} holds a '{meta['name']}' detector, not '{cls.name}'")
-        det = cls(**meta["params"])
-        det.input_shape_ = tuple(meta["input_shape"])
-        det.threshold_ = Threshold.from_dict(meta["threshold"]) if meta.get("threshold") else None
-        for attr, value in meta.get("fitted", {}).items():
+        shape = meta.get("input_shape")
+        if not (isinstance(shape, list) and len(shape) == 3
+                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
+            raise LoadError(f"{meta_file}: input_shape must be 3 positive integers [C, H, W], got {shape!r}")
+        try:
+            threshold = None if meta.get("threshold") is None else Threshold.from_dict(meta["threshold"])
+        except ParameterError as e:
+            raise LoadError(f"{meta_file}: {e}") from None
+        fitted = meta.get("fitted", {})
+        if not isinstance(fitted, dict):
+            raise LoadError(f"{meta_file}: fitted must be a JSON object, got {type(fitted).__name__}")
+        unknown = sorted(set(fitted) - set(cls._fitted_json))
+        if unknown:
+            raise LoadError(f"{meta_file}: fitted has unknown key(s) {', '.join(unknown)}; {cls.name} keeps "
+                            f"{', '.join(cls._fitted_json) or 'none'}")
+        try:
+            det = cls(**validate(cls, meta["params"], owner=cls.name))
+        except ParameterError as e:
+            raise LoadError(f"{meta_file}: {e}") from None
+        det.input_shape_ = tuple(shape)
+        det.threshold_ = threshold
+        for attr, value in fitted.items():
             setattr(det, attr, value)
-        tensors = load_file(str(path / WEIGHTS_FILE))
+        tensors = read_tensors(weights_file)
         det._build(det.input_shape_)
-        load_nets_state(det._nets(), tensors, det.device_, f"{path / WEIGHTS_FILE} ({cls.name})")
+        nets = det._nets()
+        allowed = {f"fitted.{attr}" for attr in cls._fitted_tensors}
+        stray = sorted(k for k in tensors if k not in allowed and not any(k.startswith(f"{n}.") for n in nets))
+        if stray:
+            raise LoadError(f"{weights_file}: unexpected tensor(s) for {cls.name}: {', '.join(stray[:3])}")
+        try:
+            load_nets_state(nets, tensors, det.device_, f"{weights_file} ({cls.name})")
+        except LoadError:
+            raise
+        except RuntimeError as e:  # shapes that do not fit the networks built from the params
+            reason = str(e).strip().splitlines()[-1].strip()
+            raise LoadError(f"{weights_file}: weights do not fit {cls.name}: {reason}") from None
         for attr in cls._fitted_tensors:
             if f"fitted.{attr}" in tensors:
                 setattr(det, attr, tensors[f"fitted.{attr}"].to(det.device_))
@@ -252,21 +307,30 @@ class BaseDetector(Params):
         """Hook for detectors that derive state from loaded tensors."""
 
 
-def read_meta(path: Path, meta_file: str = META_FILE) -> dict[str, Any]:
-    """Read and check the JSON file (`detector.json`, or another model's `meta_file`) of a saved folder
-    beside its weights.safetensors: both present, same format, same anomalab major.minor."""
+DETECTOR_KEYS = ("format_version", "anomalab_version", "name", "params", "input_shape", "threshold", "fitted")
+
+
+def read_meta(path: Path, meta_file: str = META_FILE, keys: tuple[str, ...] = DETECTOR_KEYS) -> dict[str, Any]:
+    """Read and check the JSON file (`detector.json`, or another model's `meta_file` with its `keys`) of
+    a saved folder beside its weights.safetensors: both present, a JSON object of known keys only, same
+    format, same anomalab major.minor, a name and a params object. Each problem is a one-line LoadError."""
+    path = Path(path)
     if not path.is_dir():
         raise LoadError(f"no saved detector at {path} (not a folder)")
     for f in (meta_file, WEIGHTS_FILE):
         if not (path / f).is_file():
             raise LoadError(f"{path} is not a complete saved detector: {f} is missing")
+    file = path / meta_file
     try:
-        meta = json.loads((path / meta_file).read_text())
-    except json.JSONDecodeError as e:
-        raise LoadError(f"{path / meta_file} is not valid JSON: {e}") from None
-    if meta.get("format_version") != FORMAT_VERSION:
+        meta = json.loads(file.read_text())
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise LoadError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise LoadError(f"{file} is not a JSON object (it holds a {type(meta).__name__})")
+    version = meta.get("format_version")
+    if isinstance(version, bool) or version != FORMAT_VERSION:
         raise LoadError(
-            f"{path} was saved in format {meta.get('format_version')!r} "
+            f"{path} was saved in format {version!r} "
             f"(anomalab {meta.get('anomalab_version')}); this anomalab {__version__} reads format "
             f"{FORMAT_VERSION}: refit the detector with this version"
         )
@@ -276,4 +340,61 @@ def read_meta(path: Path, meta_file: str = META_FILE) -> dict[str, Any]:
             f"{path} was saved by anomalab {meta.get('anomalab_version')}, this is {__version__}: "
             "refit the detector with this version"
         )
+    unknown = sorted(set(meta) - set(keys))
+    if unknown:
+        raise LoadError(f"{file}: unknown key(s) {', '.join(map(repr, unknown))}; expected {', '.join(keys)}")
+    if not isinstance(meta.get("name"), str) or not meta["name"]:
+        raise LoadError(f"{file}: name must be a non-empty string, got {meta.get('name')!r}")
+    if not isinstance(meta.get("params"), dict):
+        raise LoadError(f"{file}: params must be a JSON object, got {type(meta.get('params')).__name__}")
     return meta
+
+
+def read_tensors(file: Path) -> dict[str, Tensor]:
+    """Every tensor of a safetensors file; a LoadError naming it when it is truncated, not safetensors,
+    or holds NaN or infinite values."""
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LoadError(f"{file} is not a readable safetensors file ({e})") from None
+    for key, t in tensors.items():
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            raise LoadError(f"{file}: tensor {key} holds NaN or infinite values")
+    return tensors
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def write_saved_folder(path: str | Path, meta_file: str, write: Callable[[Path], None], own: Collection[str],
+                       what: str = "detector") -> Path:
+    """Write a saved-model folder atomically: `write(tmp)` fills a hidden sibling of `path`, which then
+    replaces `path` (anomalab.runs.atomic.staged_dir, under its per-target lock). Entries of the old folder
+    that are not in `own` are carried over (hard links, else copies); `path` must be new, empty, or an
+    earlier saved folder (holding `meta_file`), else a RunFolderError leaves it untouched."""
+    from anomalab.runs.atomic import TargetLock, staged_dir  # the runs package imports this module
+
+    path = Path(path)
+    with TargetLock(path):
+        if path.exists() and not path.is_dir():
+            raise RunFolderError(f"cannot save the {what} to {path}: it is a file")
+        if path.is_dir() and any(path.iterdir()) and not (path / meta_file).is_file():
+            raise RunFolderError(f"cannot save the {what} to {path}: the folder holds other files and no "
+                                 f"{meta_file} (not a saved {what}); choose a new or empty folder")
+        with staged_dir(path) as tmp:
+            write(tmp)
+            if path.is_dir():
+                for entry in path.iterdir():
+                    if entry.name in own or (tmp / entry.name).exists():
+                        continue
+                    if entry.is_symlink():
+                        os.symlink(os.readlink(entry), tmp / entry.name)
+                    elif entry.is_dir():
+                        shutil.copytree(entry, tmp / entry.name, symlinks=True, copy_function=_link_or_copy)
+                    else:
+                        _link_or_copy(str(entry), str(tmp / entry.name))
+    return path

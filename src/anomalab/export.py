@@ -10,6 +10,7 @@ Needs the optional extra: `pip install anomalab[onnx]` (onnx, onnxruntime).
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -18,8 +19,15 @@ import torch
 from torch import Tensor, nn
 
 from anomalab.data.transforms import check_images, prepare
+from anomalab.errors import LoadError, NotSupportedError
 
-ONNX_META = "onnx.json"
+META_KEY = "anomalab"  # key of the metadata (name, version, input shape, threshold) inside the ONNX model
+
+
+def meta_path(path: str | Path) -> Path:
+    """The JSON copy of a model's metadata, named after the model: model.onnx -> model.onnx.json."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
 
 
 class _ScoreAndMap(nn.Module):
@@ -35,22 +43,39 @@ class _ScoreAndMap(nn.Module):
 
 
 def export_onnx(det, path: str | Path, opset: int = 17) -> Path:
-    """Write `path` (.onnx) and `onnx.json` beside it (name, input shape, threshold)."""
+    """Write `path` (.onnx) with the detector's name, anomalab version, input shape, params and threshold in
+    the model's own metadata (key "anomalab"), and the same record as `<path>.json` beside it for people.
+    Both files are written through temporary siblings and renamed, so a failed export leaves no half file."""
+    import onnx
+
+    from anomalab._version import __version__
+    from anomalab.runs.atomic import temp_sibling, write_file_atomic
+
     det._check_fitted()
     if not getattr(det, "onnx_exportable", False):
-        raise NotImplementedError(f"{det.name} cannot be exported to ONNX yet")
+        raise NotSupportedError(f"{det.name} cannot be exported to ONNX yet (exportable: conv_ae, vae, knn, pca)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     module = _ScoreAndMap(det).eval().cpu()
     example = torch.rand(2, *det.input_shape_)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, (example,), str(path), input_names=["images"], output_names=["scores", "maps"],
-                          dynamic_axes={"images": {0: "n"}, "scores": {0: "n"}, "maps": {0: "n"}},
-                          opset_version=opset, dynamo=False)
-    meta = {"name": det.name, "input_shape": list(det.input_shape_), "params": det.get_params(),
-            "threshold": None if det.threshold_ is None else det.threshold_.to_dict(), "onnx": path.name}
-    (path.parent / ONNX_META).write_text(json.dumps(meta, indent=1, default=str))
+    meta = {"name": det.name, "anomalab_version": __version__, "input_shape": list(det.input_shape_),
+            "params": det.get_params(), "threshold": None if det.threshold_ is None else det.threshold_.to_dict(),
+            "onnx": path.name}
+    text = json.dumps(meta, indent=1, default=str)
+    tmp = temp_sibling(path)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (example,), str(tmp), input_names=["images"], output_names=["scores", "maps"],
+                              dynamic_axes={"images": {0: "n"}, "scores": {0: "n"}, "maps": {0: "n"}},
+                              opset_version=opset, dynamo=False)
+        model = onnx.load(str(tmp))
+        onnx.helper.set_model_props(model, {META_KEY: text})
+        onnx.save(model, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    write_file_atomic(meta_path(path), text + "\n")
     return path
 
 
@@ -63,11 +88,14 @@ class OnnxScorer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no ONNX model at {path}")
-        self.meta = json.loads((path.parent / ONNX_META).read_text())
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        props = self.session.get_modelmeta().custom_metadata_map
+        if META_KEY not in props:
+            raise LoadError(f"{path} has no anomalab metadata: export it with `anomalab export`")
+        self.meta = json.loads(props[META_KEY])  # the model's own record, never a file that another export shares
         self.input_shape = tuple(self.meta["input_shape"])
 
     def run(self, images: Tensor, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:

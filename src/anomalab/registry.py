@@ -6,7 +6,9 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-from anomalab.detector import BaseDetector, LoadError, read_meta
+from anomalab.detector import BaseDetector, read_meta
+from anomalab.errors import LoadError
+from anomalab.params import choose, validate
 
 REGISTRY: dict[str, str] = {
     "conv_ae": "anomalab.detectors.conv_ae:ConvAE",
@@ -28,19 +30,16 @@ def list_detectors() -> list[str]:
 
 
 def detector_class(name: str) -> type[BaseDetector]:
-    if name not in REGISTRY:
-        raise KeyError(f"unknown detector '{name}'; known: {', '.join(REGISTRY)}")
-    module, cls = REGISTRY[name].split(":")
+    module, cls = REGISTRY[choose(name, REGISTRY, "detector")].split(":")
     return getattr(importlib.import_module(module), cls)
 
 
 def create(name: str, **params: Any) -> BaseDetector:
-    """A new, unfitted detector: `create("vae", latent_dim=16, epochs=10)`."""
+    """A new, unfitted detector: `create("vae", latent_dim=16, epochs=10)`. Parameters are checked and
+    converted by `anomalab.params.validate` (strings from a command line are converted to their types);
+    a wrong name, type or value is a `ParameterError` naming the parameter."""
     cls = detector_class(name)
-    unknown = set(params) - set(cls.param_names())
-    if unknown:
-        raise TypeError(f"{name} has no parameter(s) {sorted(unknown)}; it takes {cls.param_names()}")
-    return cls(**params)
+    return cls(**validate(cls, params, owner=name))
 
 
 def load(path: str | Path) -> BaseDetector:

@@ -1,4 +1,7 @@
-"""Plain data records: ImageSet (data in), Threshold (decision), Evaluation (results out)."""
+"""Plain data records: ImageSet (data in), Threshold (decision), Evaluation (results out).
+
+Records check themselves when built: inconsistent image data is a DataError, a bad threshold setting or
+record a ParameterError (both UserErrors, and ValueErrors)."""
 
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from anomalab.errors import DataError, ParameterError
 
 
 @dataclass
@@ -36,7 +41,7 @@ class ImageSet:
         if not isinstance(self.images, Tensor):
             self.images = torch.as_tensor(np.asarray(self.images))
         if self.images.ndim != 4:
-            raise ValueError(f"ImageSet.images must be (N, C, H, W), got shape {tuple(self.images.shape)}")
+            raise DataError(f"ImageSet.images must be (N, C, H, W), got shape {tuple(self.images.shape)}")
         self.images = self.images.float()
         n = len(self.images)
         for key in ("labels", "classes"):
@@ -44,12 +49,12 @@ class ImageSet:
             if value is not None:
                 value = torch.as_tensor(value).long().reshape(-1)
                 if len(value) != n:
-                    raise ValueError(f"ImageSet.{key} has {len(value)} entries for {n} images")
+                    raise DataError(f"ImageSet.{key} has {len(value)} entries for {n} images")
                 setattr(self, key, value)
         if self.masks is not None:
             self.masks = torch.as_tensor(self.masks).float()
             if self.masks.shape != (n, *self.images.shape[2:]):
-                raise ValueError(
+                raise DataError(
                     f"ImageSet.masks must be (N, H, W) = {(n, *self.images.shape[2:])}, "
                     f"got {tuple(self.masks.shape)}"
                 )
@@ -57,7 +62,7 @@ class ImageSet:
             prefix = self.meta.get("name", "image")
             self.names = [f"{prefix}/{i}" for i in range(n)]
         elif len(self.names) != n:
-            raise ValueError(f"ImageSet.names has {len(self.names)} entries for {n} images")
+            raise DataError(f"ImageSet.names has {len(self.names)} entries for {n} images")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -90,10 +95,10 @@ class ImageSet:
     def concat(sets: list[ImageSet], meta: dict[str, Any] | None = None) -> ImageSet:
         """Join sets of the same image shape; labels/masks/classes kept only where every set has them."""
         if not sets:
-            raise ValueError("ImageSet.concat needs at least one set")
+            raise DataError("ImageSet.concat needs at least one set")
         shapes = {s.shape for s in sets}
         if len(shapes) != 1:
-            raise ValueError(f"cannot concatenate image sets of different shapes: {sorted(shapes)}")
+            raise DataError(f"cannot concatenate image sets of different shapes: {sorted(shapes)}")
 
         def join(key: str) -> Tensor | None:
             parts = [getattr(s, key) for s in sets]
@@ -125,11 +130,11 @@ class Threshold:
     def fit(cls, normal_scores: Tensor | np.ndarray, max_fpr: float = 0.01) -> Threshold:
         scores = np.asarray(torch.as_tensor(normal_scores).detach().cpu(), dtype=np.float64).reshape(-1)
         if scores.size == 0:
-            raise ValueError("Threshold.fit needs at least one normal score")
+            raise DataError("Threshold.fit needs at least one normal score")
         if not np.all(np.isfinite(scores)):
-            raise ValueError("Threshold.fit got non-finite scores")
+            raise DataError("Threshold.fit got non-finite scores")
         if not 0.0 <= max_fpr < 1.0:
-            raise ValueError(f"max_fpr must be in [0, 1), got {max_fpr}")
+            raise ParameterError(f"max_fpr must be in [0, 1), got {max_fpr}")
         value = float(np.quantile(scores, 1.0 - max_fpr, method="higher"))
         return cls(value=value, max_fpr=float(max_fpr), n_normal=int(scores.size))
 
@@ -142,7 +147,27 @@ class Threshold:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Threshold:
-        return cls(value=float(d["value"]), max_fpr=float(d["max_fpr"]), n_normal=int(d["n_normal"]))
+        """The inverse of `to_dict`; a ParameterError for a record that is not one (missing or extra keys,
+        a non-finite value, max_fpr outside [0, 1), n_normal not a positive integer)."""
+        if not isinstance(d, dict):
+            raise ParameterError(f"threshold must be a JSON object, got {type(d).__name__}")
+        keys = {"value", "max_fpr", "n_normal"}
+        if set(d) != keys:
+            raise ParameterError(f"threshold must have exactly the keys {sorted(keys)}, got {sorted(d)}")
+
+        def number(key: str) -> float:
+            v = d[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ParameterError(f"threshold {key} must be a finite number, got {v!r}")
+            return float(v)
+
+        value, max_fpr = number("value"), number("max_fpr")
+        if not 0.0 <= max_fpr < 1.0:
+            raise ParameterError(f"threshold max_fpr must be in [0, 1), got {max_fpr}")
+        n = d["n_normal"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ParameterError(f"threshold n_normal must be a positive integer, got {n!r}")
+        return cls(value=value, max_fpr=max_fpr, n_normal=n)
 
 
 def _clean(value: Any) -> Any:

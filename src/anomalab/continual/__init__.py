@@ -1,4 +1,4 @@
-"""Continual learning for anomaly detection (METHODS.md section 3): normal data arrive as tasks and a
+"""Continual learning for anomaly detection (docs/continual.md): normal data arrive as tasks and a
 trainable detector is updated with each new task, with a strategy against forgetting the earlier ones."""
 
 from anomalab.continual.learner import ContinualLearner

@@ -1,10 +1,13 @@
 """ContinualLearner: a trainable detector updated task by task with a strategy.
 
 The first task is the detector's ordinary `fit`. Each later task continues training the same networks
-through the detector's `train_more` (the shared `run_epochs` loop) with a step composed from the
-strategy: extend the batch (replay), add a penalty to the loss (EWC), on the data the strategy chooses
-(joint). Every task trains for the detector's `epochs` with a fresh Adam optimiser, so a run saved
-after task i and continued later trains exactly like the same sequence run in memory.
+through the detector's `train_more` (the shared `run_epochs` loop), on the data the strategy chooses
+(joint), with a step built from the strategy. A detector trained by one loss and one optimiser
+(`SingleLoss`) gets a step composed here: extend the batch (replay), add a penalty to the loss (EWC),
+one optimiser step. Any other (the GANs' adversarial steps) keeps its own step, fed the strategy's
+batches (replay). Every task trains for the detector's `epochs` with fresh optimisers
+(`reset_optimizers`), so a run saved after task i and continued later trains exactly like the same
+sequence run in memory.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from torch import Tensor
 
 from anomalab.continual.strategies import Strategy, StrategyError, make_strategy
 from anomalab.data.transforms import check_images, prepare
+from anomalab.train.epochs import SingleLoss, Step
 from anomalab.types import ImageSet
 
 STATE_FILE = "continual.safetensors"
@@ -64,10 +68,10 @@ class ContinualLearner:
         else:
             x = self._prepare(task)
             self.strategy.begin_task(det, self.tasks_seen)
-            det.optimizer_ = None  # a fresh Adam per task: a saved detector carries no optimiser state
+            det.reset_optimizers()  # fresh optimisers per task: a saved detector carries no optimiser state
             data = self.strategy.training_data(x)
             det.train_more(data, epochs=self.strategy.task_epochs(det.epochs, len(x), len(data)),
-                           step=self._step,
+                           step=self._task_step(),
                            desc=f"{det.name} {self.strategy.name} task {self.tasks_seen + 1}")
             det.threshold_ = None  # fitted on the previous model's scores: no longer valid
         self.memory_bytes.append(self.strategy.memory_bytes())
@@ -75,17 +79,27 @@ class ContinualLearner:
         self.task_names.append(str(name))
         return self
 
-    def _step(self, batch: Tensor) -> dict[str, float]:
+    def _task_step(self) -> Step:
+        """The training step of a later task: `_step` for a single-loss detector; for any other, the
+        detector's own step on the strategy's batches (its check admits only data-changing strategies)."""
         det, strategy = self.detector, self.strategy
+        if isinstance(det, SingleLoss):
+            return self._step
+        return lambda batch: det._train_step(strategy.extend_batch(batch))
+
+    def _step(self, batch: Tensor) -> dict[str, float]:
+        """extend_batch, then the detector's loss + the strategy's penalty, then its one optimiser's step."""
+        det, strategy = self.detector, self.strategy
+        (opt,) = det.optimizers_.values()
         batch = strategy.extend_batch(batch.to(det.device_, non_blocking=True))
-        det.optimizer_.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         loss, logs = det.loss(batch)
         penalty = strategy.penalty(det)
         if penalty is not None:
             loss = loss + penalty
             logs = {**logs, "penalty": penalty.item()}
         loss.backward()
-        det.optimizer_.step()
+        opt.step()
         return logs
 
     # ---- save / load ------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 A `TaskSequence` holds the training images of each task, held-out normal images of each task (never
 trained on) and the anomalies, so that after task i the test set is "held-out normals of tasks 1..i
-versus the anomalies" (Wiewel & Yang 2019, METHODS.md section 3).
+versus the anomalies" (Wiewel & Yang 2019; docs/continual.md).
 """
 
 from __future__ import annotations
@@ -125,17 +125,9 @@ def folder_sequence(folders: Sequence[str | Path], loader: Callable[[Path], Imag
     per folder). `loader(path) -> ImageSet` reads one folder (default: `anomalab.data.folder`);
     optional held-out normals per task and a folder of anomalies make `test_after` available."""
     if loader is None:
-        loader = _default_folder_loader()
+        from anomalab.data.folder import load_folder as loader
     tasks = [loader(Path(f)) for f in folders]
     tests = [loader(Path(f)) for f in test_folders] if test_folders else []
     anomalies = loader(Path(anomaly_folder)) if anomaly_folder else None
     return TaskSequence(tasks=tasks, tests=tests, anomalies=anomalies, names=[Path(f).name for f in folders],
                         meta={"name": "folders", "folders": [str(f) for f in folders]})
-
-
-def _default_folder_loader() -> Callable[[Path], ImageSet]:
-    try:
-        from anomalab.data import folder
-    except ImportError:
-        raise ImportError("folder_sequence needs a loader: pass loader=... (path -> ImageSet)") from None
-    return folder.load_folder

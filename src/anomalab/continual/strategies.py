@@ -1,11 +1,14 @@
-"""Continual-learning strategies that wrap a trainable detector's training step (METHODS.md section 3).
+"""Continual-learning strategies that wrap a trainable detector's training step (docs/continual.md).
 
 Each strategy changes one of three things while task i > 1 trains, and nothing else:
 - the training data of the task (`training_data`): joint adds every earlier task's images;
 - each mini-batch (`extend_batch`): replay appends images decoded by a frozen decoder;
 - the loss (`penalty`): EWC adds a Fisher-weighted quadratic penalty.
-`begin_task` / `end_task` run before / after a task's training. A strategy that cannot work with a
-detector says so in `check` with a `StrategyError`.
+`begin_task` / `end_task` run before / after a task's training. Which strategies a detector takes is
+its `continual_strategies` (the `Trainable` protocol); `check` refuses any other with a
+`StrategyError` that says why. Changing the loss needs a detector trained by one loss and one
+optimiser (`SingleLoss`: conv_ae, vae); the GANs' adversarial steps take only strategies that change
+the data (finetune, joint; replay for a GAN that samples from its prior, anogan).
 
 - finetune (lower bound): train on the new task only.
 - joint (upper bound): train on all tasks seen so far (needs the earlier data).
@@ -15,9 +18,10 @@ detector says so in `check` with a `StrategyError`.
   2018): one penalty whose F is the sum over all earlier tasks (times fisher_decay per new task; 1 =
   plain sum) and whose anchor is the latest end-of-task parameters, so memory does not grow with tasks.
 - replay (Wiewel & Yang 2019, generative replay with the VAE itself): a frozen copy of the decoder
-  from the end of the previous task decodes batch_size * replay_fraction images from z ~ N(0, I),
-  appended to every real batch. The copy is taken when a task begins, which is the end of the
-  previous one, so nothing has to be stored between tasks.
+  (`prior_decoder()`; AnoGAN's G, as in deep generative replay, Shin et al. 2017) from the end of the
+  previous task decodes batch_size * replay_fraction images from z ~ N(0, I), appended to every real
+  batch. The copy is taken when a task begins, which is the end of the previous one, so nothing has
+  to be stored between tasks.
 """
 
 from __future__ import annotations
@@ -29,10 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from anomalab.detector import Generative, Trainable
-
-
-class StrategyError(ValueError):
-    """A strategy cannot be applied to a detector (e.g. replay without a prior to sample from)."""
+from anomalab.errors import StrategyError  # noqa: F401  (re-exported: anomalab.continual.strategies.StrategyError)
+from anomalab.train.epochs import SingleLoss
 
 
 def trainable_parameters(detector) -> dict[str, nn.Parameter]:
@@ -51,11 +53,22 @@ class Strategy:
     name: ClassVar[str] = "finetune"
 
     def check(self, detector) -> None:
-        """Raise StrategyError unless this strategy can train `detector`."""
+        """Raise StrategyError unless this strategy can train `detector` (its `continual_strategies`)."""
         name = getattr(detector, "name", type(detector).__name__)
-        if not isinstance(detector, Trainable) or not hasattr(detector, "train_more"):
-            raise StrategyError(f"continual learning needs a gradient-trained detector with loss() and "
-                                f"train_more(); '{name}' has none (try 'vae' or 'conv_ae')")
+        if not isinstance(detector, Trainable):
+            raise StrategyError(f"continual learning needs a gradient-trained detector that trains further "
+                                f"with train_more(); '{name}' is not one (try 'vae' or 'conv_ae')")
+        supported = tuple(detector.continual_strategies)
+        reason = self.refusal(detector, name)
+        if reason is None and self.name not in supported:
+            reason = f"'{name}' does not support the {self.name} strategy"
+        if reason is not None:
+            raise StrategyError(f"{reason}; '{name}' supports {', '.join(supported) or 'no strategy'}")
+
+    def refusal(self, detector, name: str) -> str | None:
+        """Why this strategy cannot train `detector` (named `name`), from what it needs of the detector;
+        None when the detector has that."""
+        return None
 
     def get_params(self) -> dict[str, Any]:
         return {}
@@ -188,6 +201,13 @@ class EWC(Strategy):
     def needs_earlier_data(self) -> bool:
         return self.fisher is None
 
+    def refusal(self, detector, name: str) -> str:
+        if not isinstance(detector, SingleLoss):
+            return (f"ewc adds a Fisher-weighted penalty to the one loss that a detector's one optimiser "
+                    f"minimises, and takes the Fisher from that loss; '{name}' has no such loss: its step "
+                    f"trains networks against each other (adversarially), each with its own optimiser")
+        return None
+
     def begin_task(self, detector, task_index: int) -> None:
         if self.fisher is None:
             raise StrategyError("ewc has no Fisher information of the earlier tasks: it is computed at the "
@@ -248,20 +268,16 @@ class Replay(Strategy):
     def get_params(self) -> dict[str, Any]:
         return {"replay_fraction": self.replay_fraction}
 
-    def check(self, detector) -> None:
-        super().check(detector)
-        name = getattr(detector, "name", type(detector).__name__)
-        if not isinstance(detector, Generative) or not hasattr(detector, "latent_dim"):
-            raise StrategyError(
-                f"replay needs a detector that decodes images from a prior z ~ N(0, I) (Generative.sample, "
-                f"e.g. 'vae'); '{name}' has no prior to sample from: use finetune, ewc or joint")
+    def refusal(self, detector, name: str) -> str:
+        if not (isinstance(detector, Generative) and hasattr(detector, "prior_decoder")):
+            return (f"replay needs a detector that decodes images from a prior z ~ N(0, I) "
+                    f"(Generative.sample and prior_decoder(), e.g. 'vae', 'anogan'); '{name}' offers no "
+                    f"prior to sample from")
+        return None
 
     def begin_task(self, detector, task_index: int) -> None:
-        if not isinstance(getattr(detector, "decoder_", None), nn.Module):
-            raise StrategyError(f"replay copies the detector's decoder network (decoder_); "
-                                f"'{detector.name}' has none")
         # the decoder as it is at the end of the previous task, frozen for the whole task
-        self.decoder = copy.deepcopy(detector.decoder_).eval().requires_grad_(False)
+        self.decoder = copy.deepcopy(detector.prior_decoder()).eval().requires_grad_(False)
         self.latent_dim = int(detector.latent_dim)
         self.device = detector.device_
         self.n_replay = max(1, int(round(detector.batch_size * self.replay_fraction)))

@@ -1,4 +1,4 @@
-"""dSprites (Matthey et al. 2017), rendered procedurally from its factor grid (METHODS.md sections 5, 6).
+"""dSprites (Matthey et al. 2017), rendered procedurally from its factor grid (docs/beta_vaegan.md).
 
 737,280 binary 64x64 images from five factors, in the published index order (posY fastest):
 
@@ -17,7 +17,7 @@ published, so we draw the implicit two-lobed heart (x^2 + y^2 - 1)^3 - x^2 y^3 <
 Images are never all held in memory: one 96x96 mask per (shape, scale, orientation) (720 masks, 6.6 MB)
 is rendered once and each image is an integer-shifted 64x64 window of its mask.
 
-The coloured variant (METHODS.md section 5, the "added" data): the 3,072 images with scale and
+The coloured variant (the "added" data of the beta-VAEGAN source, Akita & Taguchi): the 3,072 images with scale and
 orientation fixed (3 shapes x 32 x 32 positions) recoloured to 5 levels from white to red, 15,360 RGB
 images with label y = 1. Level t in {0.2, 0.4, 0.6, 0.8, 1.0} paints the sprite (1, 1 - t, 1 - t); pure
 white (t = 0) is left out so that no added image equals an original one. `ColouredDSprites` extends
@@ -161,13 +161,6 @@ class DSprites:
         """n uniformly drawn images and their factors."""
         f = self.sample_factors(n, rng)
         return self.images_from_factors(f), f
-
-    def image_set(self, index: np.ndarray) -> ImageSet:
-        """An ImageSet of the images at `index` (all normal, label 0; classes = shape)."""
-        f = self.factors_from_index(index)
-        return ImageSet(images=self.images_from_factors(f), labels=np.zeros(len(f), dtype=np.int64),
-                        classes=f[:, 0], names=[f"dsprites/{i}" for i in np.atleast_1d(index)],
-                        meta={"name": "dsprites", "class_names": list(SHAPES)})
 
 
 def colourise(masks: Tensor, level: np.ndarray) -> Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from anomalab.errors import DataNotFoundError, ParameterError
 from anomalab.types import ImageSet
 
 DEFAULT_TEXTURES_ROOT = Path("runs/datasets/textures")
@@ -22,7 +23,7 @@ def _options(text: str) -> dict[str, str]:
     out = {}
     for part in filter(None, text.split(",")):
         if "=" not in part:
-            raise ValueError(f"data spec option {part!r} is not key=value")
+            raise ParameterError(f"data spec option {part!r} is not key=value")
         k, v = part.split("=", 1)
         out[k.strip()] = v.strip()
     return out
@@ -30,6 +31,66 @@ def _options(text: str) -> dict[str, str]:
 
 def _int(opts: dict[str, str], key: str, default: int | None) -> int | None:
     return int(opts[key]) if key in opts else default
+
+
+# kind -> option -> (check, what it must be); checked by `check_spec` before anything is read
+def _positive_int(v: str) -> bool:
+    return v.isdigit() and int(v) > 0
+
+
+def _fraction(v: str) -> bool:
+    try:
+        return 0.0 < float(v) < 1.0
+    except ValueError:
+        return False
+
+
+OPTIONS: dict[str, dict[str, tuple]] = {
+    "mnist": {"anomaly": (lambda v: v.isdigit() and 0 <= int(v) <= 9, "a digit 0-9"),
+              "seed": (str.isdigit, "an integer >= 0"), "train_frac": (_fraction, "a number in (0, 1)"),
+              "root": (lambda v: Path(v).is_dir(), "an existing folder with the MNIST IDX files")},
+    "textures": {"size": (_positive_int, "a positive integer (pixels)"), "root": (lambda v: bool(v), "a folder")},
+    "folder": {"size": (_positive_int, "a positive integer (pixels)"),
+               "channels": (lambda v: v in ("1", "3"), "1 or 3"),
+               "on_error": (lambda v: v in ("skip", "raise"), "skip or raise")},
+}
+
+
+def check_spec(spec: str) -> tuple[str, str, dict[str, str]]:
+    """Parse `spec` and check its options (names and values) and paths, without reading any image;
+    a mistake is one ParameterError / DataNotFoundError naming the option."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ParameterError("the data spec is empty: give mnist:anomaly=0, textures:brick or a folder")
+    kind, target, opts = parse_spec(spec)
+    known = OPTIONS[kind]
+    unknown = sorted(set(opts) - set(known))
+    if unknown:
+        raise ParameterError(f"data spec {spec!r}: unknown option{'s' if len(unknown) > 1 else ''} "
+                             f"{', '.join(map(repr, unknown))}; {kind} specs take: {', '.join(known)}")
+    for key, value in opts.items():
+        ok, what = known[key]
+        if not ok(value):
+            raise ParameterError(f"data spec {spec!r}: {key} must be {what}, got {value!r}")
+    if kind == "mnist" and "anomaly" not in opts:
+        raise ParameterError("mnist spec needs the anomalous digit: mnist:anomaly=0")
+    if kind == "textures":
+        from anomalab.data.textures import CATEGORIES
+
+        if target not in CATEGORIES and not (Path(opts.get("root", DEFAULT_TEXTURES_ROOT)) / target).is_dir():
+            raise ParameterError(f"unknown texture {target!r}; known: {', '.join(CATEGORIES)}")
+    if kind == "folder" and not Path(target).exists():
+        raise DataNotFoundError(f"data folder not found: {target}")
+    return kind, target, opts
+
+
+def inputs_of(spec: str) -> list[Path]:
+    """The folders a data spec reads from (outputs must never be written into them)."""
+    kind, target, opts = parse_spec(spec)
+    if kind == "folder":
+        return [Path(target)]
+    if kind == "textures":
+        return [Path(opts.get("root", DEFAULT_TEXTURES_ROOT)) / target]
+    return [Path(opts["root"])] if "root" in opts else []
 
 
 def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
@@ -47,16 +108,11 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
 
 def load_spec(spec: str) -> tuple[ImageSet, ImageSet | None, dict[str, Any]]:
     """(train normals, test set with labels or None, description) for a data spec."""
-    kind, target, opts = parse_spec(spec)
+    kind, target, opts = check_spec(spec)
     if kind == "mnist":
         from anomalab.data.mnist import load_mnist
         from anomalab.data.splits import one_class_split
 
-        if "anomaly" not in opts:
-            raise ValueError("mnist spec needs the anomalous digit: mnist:anomaly=0")
-        unknown = set(opts) - {"anomaly", "seed", "train_frac", "root"}
-        if unknown:
-            raise ValueError(f"unknown mnist option(s) {sorted(unknown)}")
         ds = load_mnist(opts.get("root"))
         train, test = one_class_split(ds, int(opts["anomaly"]), float(opts.get("train_frac", 0.8)),
                                       seed=int(opts.get("seed", 0)))
@@ -76,8 +132,6 @@ def load_spec(spec: str) -> tuple[ImageSet, ImageSet | None, dict[str, Any]]:
     from anomalab.data.folder import load_folder, load_mvtec
 
     path = Path(target)
-    if not path.exists():
-        raise FileNotFoundError(f"data folder not found: {path}")
     size, channels = _int(opts, "size", None), _int(opts, "channels", None)
     on_error = opts.get("on_error", "skip")
     if (path / "train" / "good").is_dir():

@@ -11,16 +11,19 @@ that builds in seconds and trains on a CPU in minutes.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from anomalab import __version__
+from anomalab._version import __version__
+from anomalab.errors import ParameterError
 from anomalab.generate.defects import DEFECTS
+from anomalab.runs.atomic import staged_dir
+from anomalab.runs.outputs import check_output_dir
 
 CATEGORIES = ("brick", "grass", "gravel")
+INFO_FILE = "textures.json"  # the settings that built a category; marks a folder this builder wrote
 DEFECT_TYPES = ("scratch", "blob", "missing_patch", "intensity_shift")
 TRAIN_FRACTION = 0.625  # rows [0, 320) of a 512-row photo train, rows [320, 512) test
 
@@ -30,7 +33,7 @@ def texture_photo(category: str) -> np.ndarray:
     import skimage.data
 
     if category not in CATEGORIES:
-        raise ValueError(f"unknown texture '{category}'; known: {', '.join(CATEGORIES)}")
+        raise ParameterError(f"unknown texture '{category}'; known: {', '.join(CATEGORIES)}")
     photo = np.asarray(getattr(skimage.data, category)(), dtype=np.float32) / 255.0
     return photo if photo.ndim == 2 else photo.mean(-1)
 
@@ -67,39 +70,44 @@ def make_textures(out_dir: str | Path, categories: tuple[str, ...] = CATEGORIES,
 
     size: side of the written images; crop: side of the window cut from the 512 px photo (default =
     size; a larger crop is shrunk to size, showing more of the texture). The same seed writes the same
-    files. An existing non-empty category folder is refused unless overwrite=True. Returns out_dir.
+    files. An existing category folder this builder wrote (textures.json) is replaced only with
+    overwrite=True, and only once the new one is complete; any other non-empty folder is refused. Returns out_dir.
     """
     out = Path(out_dir)
     crop = crop or size
     unknown = [d for d in defects if d not in DEFECTS]
     if unknown:
-        raise ValueError(f"unknown defect type(s) {unknown}; known: {', '.join(DEFECTS)}")
-    for category in categories:
-        target = out / category
-        if target.exists() and any(target.iterdir()):
-            if not overwrite:
-                raise FileExistsError(f"{target} already holds files; pass overwrite=True to replace them")
-            shutil.rmtree(target)
+        raise ParameterError(f"unknown defect type(s) {unknown}; known: {', '.join(DEFECTS)}")
+    for category in categories:  # every target checked before anything is written
+        check_output_dir(out / category, overwrite=overwrite, replaceable=lambda p: (p / INFO_FILE).is_file(),
+                         what="texture dataset (textures.json)")
     for ci, category in enumerate(categories):
-        rng = np.random.default_rng([seed, ci])
-        photo = texture_photo(category)
-        split_row = int(round(photo.shape[0] * TRAIN_FRACTION))
-        train = _crops(photo, (0, split_row), n_train, crop, size, rng)
-        test_rows = (split_row, photo.shape[0])
-        for i, img in enumerate(train):
-            _write_png(img, out / category / "train" / "good" / f"{i:03d}.png")
-        for i, img in enumerate(_crops(photo, test_rows, n_test_good, crop, size, rng)):
-            _write_png(img, out / category / "test" / "good" / f"{i:03d}.png")
-        for defect in defects:
-            for i, img in enumerate(_crops(photo, test_rows, n_test_per_defect, crop, size, rng)):
-                bad, mask = DEFECTS[defect](img[None], rng)
-                _write_png(bad[0], out / category / "test" / defect / f"{i:03d}.png")
-                _write_png(mask, out / category / "ground_truth" / defect / f"{i:03d}_mask.png")
-        info = {
-            "builder": "anomalab.data.textures.make_textures", "anomalab_version": __version__,
-            "category": category, "size": size, "crop": crop, "n_train": n_train,
-            "n_test_good": n_test_good, "n_test_per_defect": n_test_per_defect, "defects": list(defects),
-            "seed": seed, "train_rows": [0, split_row], "test_rows": list(test_rows),
-        }
-        (out / category / "textures.json").write_text(json.dumps(info, indent=1))
+        with staged_dir(out / category) as tmp:
+            _write_category(tmp, category, ci, size, n_train, n_test_good, n_test_per_defect, defects, crop, seed)
     return out
+
+
+def _write_category(folder: Path, category: str, ci: int, size: int, n_train: int, n_test_good: int,
+                    n_test_per_defect: int, defects: tuple[str, ...], crop: int, seed: int) -> None:
+    """Write one category's images, masks and textures.json into `folder` (a staged copy of its target)."""
+    rng = np.random.default_rng([seed, ci])
+    photo = texture_photo(category)
+    split_row = int(round(photo.shape[0] * TRAIN_FRACTION))
+    train = _crops(photo, (0, split_row), n_train, crop, size, rng)
+    test_rows = (split_row, photo.shape[0])
+    for i, img in enumerate(train):
+        _write_png(img, folder / "train" / "good" / f"{i:03d}.png")
+    for i, img in enumerate(_crops(photo, test_rows, n_test_good, crop, size, rng)):
+        _write_png(img, folder / "test" / "good" / f"{i:03d}.png")
+    for defect in defects:
+        for i, img in enumerate(_crops(photo, test_rows, n_test_per_defect, crop, size, rng)):
+            bad, mask = DEFECTS[defect](img[None], rng)
+            _write_png(bad[0], folder / "test" / defect / f"{i:03d}.png")
+            _write_png(mask, folder / "ground_truth" / defect / f"{i:03d}_mask.png")
+    info = {
+        "builder": "anomalab.data.textures.make_textures", "anomalab_version": __version__,
+        "category": category, "size": size, "crop": crop, "n_train": n_train,
+        "n_test_good": n_test_good, "n_test_per_defect": n_test_per_defect, "defects": list(defects),
+        "seed": seed, "train_rows": [0, split_row], "test_rows": list(test_rows),
+    }
+    (folder / INFO_FILE).write_text(json.dumps(info, indent=1))

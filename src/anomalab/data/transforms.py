@@ -9,29 +9,32 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from anomalab.errors import DataError, ImageTypeError
+
 # ITU-R BT.601 luma weights, the usual RGB -> gray conversion (as Pillow's "L" mode).
 _LUMA = torch.tensor([0.299, 0.587, 0.114])
 
 
 def check_images(images: object, what: str = "images") -> Tensor:
-    """Raise a one-line ValueError unless `images` is a finite (N, C, H, W) tensor in [0, 1]."""
+    """Return `images` as a tensor, or raise a one-line DataError unless they are a finite (N, C, H, W)
+    tensor (or array) in [0, 1] with 1 or 3 channels; ImageTypeError (a TypeError) for anything else."""
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
     if not isinstance(images, Tensor):
-        raise TypeError(f"{what}: expected a torch.Tensor of shape (N, C, H, W), got {type(images).__name__}")
+        raise ImageTypeError(f"{what}: expected a torch.Tensor of shape (N, C, H, W), got {type(images).__name__}")
     if images.ndim != 4:
-        raise ValueError(
+        raise DataError(
             f"{what}: expected images of shape (N, C, H, W) in [0, 1], got {tuple(images.shape)}"
         )
     if images.shape[1] not in (1, 3):
-        raise ValueError(f"{what}: expected 1 (gray) or 3 (RGB) channels, got {images.shape[1]} "
+        raise DataError(f"{what}: expected 1 (gray) or 3 (RGB) channels, got {images.shape[1]} "
                          f"in shape {tuple(images.shape)}")
     if images.numel():
         lo, hi = (float(v) for v in torch.aminmax(images))  # one pass; NaN propagates into lo/hi
         if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise ValueError(f"{what}: images contain NaN or infinite values")
+            raise DataError(f"{what}: images contain NaN or infinite values")
         if lo < -1e-6 or hi > 1 + 1e-6:
-            raise ValueError(f"{what}: expected values in [0, 1], got [{lo:.3g}, {hi:.3g}]")
+            raise DataError(f"{what}: expected values in [0, 1], got [{lo:.3g}, {hi:.3g}]")
     return images
 
 
@@ -44,7 +47,7 @@ def to_channels(images: Tensor, channels: int) -> Tensor:
         return images.expand(-1, 3, -1, -1)
     if c == 3 and channels == 1:
         return (images * _LUMA.to(images).view(1, 3, 1, 1)).sum(1, keepdim=True)
-    raise ValueError(f"cannot convert {c}-channel images to {channels} channels")
+    raise DataError(f"cannot convert {c}-channel images to {channels} channels")
 
 
 def resize(images: Tensor, size: tuple[int, int]) -> Tensor:

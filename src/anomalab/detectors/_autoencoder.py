@@ -1,5 +1,6 @@
-"""Shared procedure of reconstruction-based detectors (conv_ae, vae): train with Adam through
-`run_epochs`, score = mean squared reconstruction error, map = per-pixel absolute residual."""
+"""Shared procedure of reconstruction-based detectors (conv_ae, vae): one loss minimised by one Adam
+through `train_more` (`anomalab.train.epochs`), score = mean squared reconstruction error, map =
+per-pixel absolute residual."""
 
 from __future__ import annotations
 
@@ -8,17 +9,21 @@ from torch import Tensor
 
 from anomalab.detector import BaseDetector
 from anomalab.nets.conv28 import model_size
-from anomalab.train.loop import Batches, run_epochs, seed_everything
+from anomalab.train.epochs import EpochTrained
 from anomalab.types import ImageSet
 
 
-class ReconstructionDetector(BaseDetector):
-    progress: bool = True
+class ReconstructionDetector(EpochTrained, BaseDetector):
+    """One loss (`loss(batch)`), one optimiser `optimizers_["model"]` over every net's parameters: a
+    continual strategy may extend the batch (replay), add to the loss (ewc) or change the data."""
+
     onnx_exportable = True
+    continual_strategies = ("finetune", "joint", "ewc")
 
     def _model_shape(self, data_shape: tuple[int, int, int]) -> tuple[int, int, int]:
         c, h, w = data_shape
-        return (c, model_size(h), model_size(w))
+        side = model_size(max(h, w))  # the conv28 nets are square: a non-square image is resized to a square
+        return (c, side, side)
 
     # subclasses: _build (sets self.encoder_, self.decoder_), loss(batch), _reconstruct(x)
     def _nets(self):
@@ -30,31 +35,23 @@ class ReconstructionDetector(BaseDetector):
     def _reconstruct(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        params = [p for net in self._nets().values() for p in net.parameters()]
+        return {"model": torch.optim.Adam(params, lr=self.lr)}
+
     def _train_step(self, batch: Tensor) -> dict[str, float]:
-        self.optimizer_.zero_grad(set_to_none=True)
+        opt = self.optimizers_["model"]
+        opt.zero_grad(set_to_none=True)
         loss, logs = self.loss(batch.to(self.device_, non_blocking=True))
         loss.backward()
-        self.optimizer_.step()
+        opt.step()
         return logs
 
     def _fit(self, x: Tensor, train: ImageSet) -> None:
         self.train_more(x)
 
-    def train_more(self, x: Tensor, epochs: int | None = None, step=None, desc: str | None = None) -> None:
-        """Train the current networks further on prepared images x (N, C, H, W); used by `fit` and by
-        continual learning. `step` replaces `_train_step` (a strategy wrapping it)."""
-        generator = seed_everything(self.seed + len(self.history_))
-        for net in self._nets().values():
-            net.train()
-        if getattr(self, "optimizer_", None) is None:
-            params = [p for net in self._nets().values() for p in net.parameters()]
-            self.optimizer_ = torch.optim.Adam(params, lr=self.lr)
-        loader = Batches(x, self.batch_size, shuffle=True, generator=generator)
-        self.history_ += run_epochs(step or self._train_step, loader, epochs or self.epochs,
-                                    progress=self.progress, desc=desc or f"{self.name} fit")
-
     def _build(self, shape):
-        self.optimizer_ = None
+        self.reset_optimizers()
         torch.manual_seed(self.seed)
         self._make_nets(shape)
         for net in self._nets().values():

@@ -1,12 +1,14 @@
 """Shared procedure of the GAN-based detectors (anogan, egbad, ganomaly, skip_ganomaly).
 
 Images are scaled from [0, 1] to [-1, 1] once (generators end in tanh); training runs `_train_step`
-over in-memory `Batches` through `run_epochs`; `reconstruct` returns images back in [0, 1].
+through `train_more` (`anomalab.train.epochs`); `reconstruct` returns images back in [0, 1].
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +16,8 @@ from torch import Tensor, nn
 
 from anomalab.detector import BaseDetector
 from anomalab.nets.dcgan import DCDiscriminator, dcgan_init
-from anomalab.train.loop import Batches, run_epochs, seed_everything
+from anomalab.train.epochs import EpochTrained
+from anomalab.train.loop import Batches
 from anomalab.types import ImageSet
 
 # The official GANomaly code re-initialises D when its loss falls below this value.
@@ -52,11 +55,15 @@ def adam(net: torch.nn.Module, lr: float, beta1: float) -> torch.optim.Adam:
     return torch.optim.Adam(net.parameters(), lr=lr, betas=(beta1, 0.999), fused=True)
 
 
-class GANDetector(BaseDetector):
-    """Subclasses set `_make_nets(shape)`, `_train_step(batch)` (batch already in [-1, 1]),
-    `_reconstruct(x)` (x and result in [-1, 1]) and `_score_batch` / `_map_batch`."""
+class GANDetector(EpochTrained, BaseDetector):
+    """Subclasses set `_make_nets(shape)`, `_make_optimizers()`, `_train_step(batch)` (batch already in
+    [-1, 1]), `_reconstruct(x)` (x and result in [-1, 1]) and `_score_batch` / `_map_batch`.
 
-    progress: bool = True
+    The step is adversarial: networks trained against each other, one optimiser each, so there is no
+    single loss a continual strategy could extend; strategies that change only the data (finetune,
+    joint, and replay for a GAN that samples from a prior) train through the detector's own step."""
+
+    continual_strategies = ("finetune", "joint")
 
     def _model_shape(self, data_shape: tuple[int, int, int]) -> tuple[int, int, int]:
         c, h, w = data_shape
@@ -68,40 +75,31 @@ class GANDetector(BaseDetector):
         self._make_nets(shape)
         for net in self._nets().values():
             net.to(self.device_)
-        self.optimizers_ = None
+        self.reset_optimizers()
 
     def _make_nets(self, shape) -> None:
-        raise NotImplementedError
-
-    def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        raise NotImplementedError
-
-    def _train_step(self, batch: Tensor) -> dict[str, float]:
         raise NotImplementedError
 
     def _fit(self, x: Tensor, train: ImageSet) -> None:
         self.train_more(x)
 
-    def train_more(self, x: Tensor, epochs: int | None = None) -> None:
-        """Train the current networks further on prepared images x (N, C, H, W) in [0, 1]."""
-        generator = seed_everything(self.seed + len(self.history_))
-        if getattr(self, "optimizers_", None) is None:
-            self.optimizers_ = self._make_optimizers()
-        # channels_last trains about 8 % faster on CPU here (benchmarks/bench_ganomaly.py); the nets go back
-        # to the default layout afterwards so that scores do not depend on how the detector was obtained.
+    @contextmanager
+    def _training_data(self, x: Tensor) -> Iterator[Tensor]:
+        """x in [-1, 1] on the device. channels_last trains about 8 % faster on CPU here
+        (benchmarks/bench_ganomaly.py); the nets go back to the default layout afterwards so that scores
+        do not depend on how the detector was obtained."""
         nets = list(self._nets().values())
         for net in nets:
             net.train().to(memory_format=torch.channels_last)
-        data = to_signed(x).to(self.device_).contiguous(memory_format=torch.channels_last)
-        loader = Batches(data, self.batch_size, shuffle=True, generator=generator)
         try:
-            self.history_ += run_epochs(self._train_step, loader, self.epochs if epochs is None else epochs,
-                                        progress=self.progress, desc=f"{self.name} fit")
-            if getattr(self, "bn_recalibrate", False):
-                self.recalibrate_bn(data)
+            yield to_signed(x).to(self.device_).contiguous(memory_format=torch.channels_last)
         finally:
             for net in nets:
                 net.to(memory_format=torch.contiguous_format)
+
+    def _after_training(self, data: Tensor) -> None:
+        if getattr(self, "bn_recalibrate", False):
+            self.recalibrate_bn(data)
 
     @torch.no_grad()
     def recalibrate_bn(self, data: Tensor) -> None:

@@ -1,4 +1,4 @@
-"""AnoGAN (Schlegl et al., IPMI 2017; METHODS.md sections 2 and 6).
+"""AnoGAN (Schlegl et al., IPMI 2017; docs/detectors/anogan.md).
 
 A DCGAN (G: z -> x, D with features f(.)) is trained on normal images. For a query x, z is optimised
 for `n_steps` Adam steps to minimise
@@ -55,6 +55,9 @@ class AnoGAN(PairedGANDetector):
 
     name = "anogan"
     score_batch_size = 512
+    # a DCGAN samples from its prior: replay appends images of a frozen copy of G to D's real batches
+    # (deep generative replay, Shin et al. 2017), which changes the data only
+    continual_strategies = ("finetune", "joint", "replay")
 
     def __init__(self, latent_dim: int = 100, width: int = 64, lam: float = 0.1, n_steps: int = 500,
                  latent_lr: float = 0.01, epochs: int = 15, batch_size: int = 64, lr: float = 2e-4,
@@ -89,6 +92,11 @@ class AnoGAN(PairedGANDetector):
         loss_g.backward(inputs=list(g.parameters()))
         opt["g"].step()
         return {"loss_g": loss_g.item(), "loss_d": loss_d.item()}
+
+    def prior_decoder(self) -> nn.Module:
+        """The net decoding z ~ N(0, I) (n, latent_dim) into images as the training step sees them
+        ([-1, 1]): G; replay copies it."""
+        return self.generator_
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n images G(z), z ~ N(0, I): (n, C, S, S) in [0, 1]."""

@@ -1,4 +1,4 @@
-"""Convolutional autoencoder (METHODS.md section 1, seed 002): score = reconstruction error."""
+"""Convolutional autoencoder (the conv28 nets, anomalab.nets.conv28; docs/section1.md): score = reconstruction error."""
 
 from __future__ import annotations
 

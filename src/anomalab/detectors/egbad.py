@@ -1,4 +1,4 @@
-"""EGBAD: efficient GAN-based anomaly detection (Zenati et al. 2018; METHODS.md sections 2 and 6).
+"""EGBAD: efficient GAN-based anomaly detection (Zenati et al. 2018; docs/detectors/egbad.md).
 
 A BiGAN: encoder E (x -> z), generator G (z -> x) and discriminator D(x, z) on pairs, trained with
     L_D = BCE(D(x, E(x)), 1) + BCE(D(G(z), z), 0),  L_G = BCE(D(G(z), z), 1),  L_E = BCE(D(x, E(x)), 0),

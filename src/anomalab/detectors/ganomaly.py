@@ -1,4 +1,4 @@
-"""GANomaly (Akcay, Atapour-Abarghouei & Breckon, ACCV 2018; METHODS.md sections 2 and 6).
+"""GANomaly (Akcay, Atapour-Abarghouei & Breckon, ACCV 2018; docs/detectors/ganomaly.md).
 
 Generator G = encoder G_E (x -> z), decoder G_D (z -> x_hat), second encoder E (x_hat -> z_hat);
 discriminator D is a DCGAN discriminator with features f(.). Losses (official code):
@@ -74,15 +74,6 @@ class GANomaly(PairedGANDetector):
     def _make_generator(self, channels: int, size: int) -> nn.Module:
         c, s = channels, size
         return GanomalyGenerator(s, c, self.latent_dim, self.width)
-
-    def loss(self, batch: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """Generator loss L_G on a batch in [0, 1] (the Trainable protocol)."""
-        x = to_signed(batch)
-        x_hat, z, z_hat = self.generator_(x)
-        _, feat_real = self.discriminator_(x)
-        _, feat_fake = self.discriminator_(x_hat)
-        total, parts = generator_loss(x, x_hat, z, z_hat, feat_real, feat_fake, self.w_adv, self.w_con, self.w_enc)
-        return total, {k: v.item() for k, v in parts.items()}
 
     def _train_step(self, x: Tensor) -> dict[str, float]:
         g, d = self.generator_, self.discriminator_

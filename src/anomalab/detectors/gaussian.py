@@ -23,6 +23,7 @@ from torch import Tensor
 
 from anomalab.data.transforms import check_images, prepare
 from anomalab.detector import BaseDetector
+from anomalab.errors import DataError, ParameterError
 from anomalab.nets.effnet_lite0 import LEVEL_CHANNELS, LEVELS, make_backbone
 from anomalab.types import ImageSet
 
@@ -126,12 +127,12 @@ class Gaussian(BaseDetector):
     def levels_(self) -> tuple[int, ...]:
         levels = tuple(LEVELS if self.levels is None else sorted(int(v) for v in self.levels))
         if not levels or not set(levels) <= set(LEVELS):
-            raise ValueError(f"levels must be a non-empty subset of {LEVELS}, got {self.levels}")
+            raise ParameterError(f"levels must be a non-empty subset of {LEVELS}, got {self.levels}")
         return levels
 
     def _model_shape(self, data_shape=None) -> tuple[int, int, int]:
         if int(self.image_size) < 32:
-            raise ValueError(f"image_size must be at least 32 pixels, got {self.image_size}")
+            raise ParameterError(f"image_size must be at least 32 pixels, got {self.image_size}")
         return (3, int(self.image_size), int(self.image_size))
 
     def _build(self, shape) -> None:
@@ -188,8 +189,10 @@ class Gaussian(BaseDetector):
                 if moments is not None:
                     moments.update(self._patch_features(feats).cpu())
         n = sum(len(p) for p in pooled[1])
+        if n == 0:
+            raise DataError(f"{self.name}.fit: no images to fit on")
         if n < 2:
-            raise ValueError(f"{self.name}.fit needs at least 2 normal images, got {n}")
+            raise DataError(f"{self.name}.fit needs at least 2 normal images, got {n}")
         means, precisions = [], []
         for level in LEVELS:
             feats = torch.cat(pooled[level]).numpy()

@@ -6,10 +6,13 @@ On raw pixels it is a strong baseline on MNIST-like data (it beats several GAN d
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
-from anomalab.detector import BaseDetector
+from anomalab.detector import BaseDetector, read_meta
+from anomalab.errors import LoadError, ParameterError
 from anomalab.types import ImageSet
 
 
@@ -36,22 +39,39 @@ class KNN(BaseDetector):
         return torch.nn.functional.normalize(f, dim=1) if self.metric == "cosine" else f
 
     def _after_load(self) -> None:
-        self._load_embedder()
+        self._load_embedder(LoadError)
 
-    def _load_embedder(self) -> None:
+    def _load_embedder(self, error: type[Exception] = ParameterError) -> None:
+        """Load the `embedder` detector. A path that is not a saved detector is a one-line LoadError; one
+        whose detector cannot embed is `error` (ParameterError at fit, LoadError when loading this knn).
+        The saved kind is checked before its weights are read."""
         self._embedder = None
-        if self.embedder:
-            from anomalab.registry import load
+        if not self.embedder:
+            return
+        from anomalab.registry import REGISTRY, detector_class, load
 
-            self._embedder = load(self.embedder)
-            if not hasattr(self._embedder, "embed"):
-                raise ValueError(f"the detector in {self.embedder} cannot embed images")
+        path = Path(self.embedder)
+        folder = path / "detector" if (path / "detector").is_dir() else path
+        try:
+            kind = read_meta(folder)["name"]
+            if kind not in REGISTRY:
+                raise LoadError(f"{folder} holds an unknown detector '{kind}'")
+        except LoadError as e:
+            raise LoadError(f"knn embedder {self.embedder}: {e}") from None
+        if not hasattr(detector_class(kind), "embed"):
+            can = ", ".join(n for n in REGISTRY if hasattr(detector_class(n), "embed"))
+            raise error(f"knn embedder {self.embedder}: a '{kind}' detector cannot embed images; "
+                        f"use one that can ({can})")
+        try:
+            self._embedder = load(folder)
+        except LoadError as e:
+            raise LoadError(f"knn embedder {self.embedder}: {e}") from None
 
     def _fit(self, x: Tensor, train: ImageSet) -> None:
         if self.metric not in ("euclidean", "cosine"):
-            raise ValueError(f"metric must be 'euclidean' or 'cosine', got {self.metric!r}")
+            raise ParameterError(f"metric must be 'euclidean' or 'cosine', got {self.metric!r}")
         if self.k < 1 or self.k > len(x):
-            raise ValueError(f"k must be in [1, {len(x)}] (the training set size), got {self.k}")
+            raise ParameterError(f"k must be in [1, {len(x)}] (the training set size), got {self.k}")
         self._load_embedder()
         self.train_features_ = torch.cat([self._features(x[i : i + 1024]) for i in range(0, len(x), 1024)])
 

@@ -1,4 +1,4 @@
-"""Skip-GANomaly (Akcay, Atapour-Abarghouei & Breckon, IJCNN 2019; METHODS.md sections 2 and 6).
+"""Skip-GANomaly (Akcay, Atapour-Abarghouei & Breckon, IJCNN 2019; docs/detectors/skip_ganomaly.md).
 
 Generator = U-Net with skip connections (x -> x_hat), discriminator = DCGAN discriminator with
 features f(.). Losses (official code):

@@ -1,4 +1,4 @@
-"""Convolutional VAE (METHODS.md section 1, seed 002; Kingma & Welling 2014).
+"""Convolutional VAE (Kingma & Welling 2014) on the conv28 nets (anomalab.nets.conv28, docs/section1.md).
 
 Loss per image: BCE(x, x_hat) summed over pixels + kl_weight * KL[N(mu, sigma) || N(0, I)], averaged
 over the batch. Score: mean squared error between x and the decoding of the posterior mean (so the
@@ -27,6 +27,7 @@ class VAE(ReconstructionDetector):
     """Seed-2 convolutional VAE. score(images (N,C,H,W) in [0,1]) -> (N,), higher = more anomalous."""
 
     name = "vae"
+    continual_strategies = ("finetune", "joint", "ewc", "replay")
 
     def __init__(self, latent_dim: int = 64, epochs: int = 20, batch_size: int = 128, lr: float = 1e-3,
                  kl_weight: float = 1.0, seed: int = 0, device: str = "cpu"):
@@ -56,6 +57,11 @@ class VAE(ReconstructionDetector):
     def embed(self, images: Tensor, batch_size: int | None = None) -> Tensor:
         """images -> posterior means (N, latent_dim)."""
         return self._batched(lambda x: self.encoder_(x)[0], images, batch_size)
+
+    def prior_decoder(self) -> torch.nn.Module:
+        """The net decoding z ~ N(0, I) (n, latent_dim) into images as the training step sees them
+        ([0, 1]); replay copies it."""
+        return self.decoder_
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n images decoded from z ~ N(0, I): (n, C, H, W) at the model's shape."""

@@ -1,4 +1,4 @@
-"""beta-VAEGAN on dSprites: Table 1 (gamma sweep), latent traversals, AUROC vs anomaly degree (METHODS.md s5).
+"""beta-VAEGAN on dSprites (Akita & Taguchi): Table 1 (gamma sweep), latent traversals, AUROC vs anomaly degree.
 
 Stages (each resumable: finished rows in results.jsonl and saved models are skipped on a rerun):
 1. teacher: a beta-VAE (latent 5, beta 4, Burgess net) on dSprites; FactorVAE score on the 5 factors.
@@ -12,20 +12,29 @@ Stages (each resumable: finished rows in results.jsonl and saved models are skip
 
 The default budget fits a shared 2-core CPU (stated beside every number in results.md); `--paper` runs a
 long schedule of ours (the source gives none) with the exact (non-pooled) metric, on a GPU when present.
+Method and results: docs/beta_vaegan.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 
 from anomalab.data.dsprites import ColouredDSprites, DSprites, WhiteDSprites, added_set
-from anomalab.detectors.beta_vaegan import BetaVAE, BetaVAEGAN
+from anomalab.experiments._common import (
+    Clock,
+    fmt,
+    markdown_table,
+    open_store,
+    parser,
+    pyplot,
+    save_figure,
+    write_table,
+)
+from anomalab.generate.beta_vaegan import BetaVAE, BetaVAEGAN
 from anomalab.metrics import image_auroc
 from anomalab.metrics.disentangle import (
     LIB_VARIANT,
@@ -34,62 +43,40 @@ from anomalab.metrics.disentangle import (
     factor_correspondence,
     factor_vae_score,
 )
+from anomalab.params import parse_items, signature_defaults, validate
+from anomalab.runs.store import ResultStore
 
-# ---- settings -------------------------------------------------------------------------------------------
-TEACHER = dict(latent_dim=5, beta=4.0, steps=2000, batch_size=64, lr=5e-4)
+# ---- settings --------------------------------------------------------------------------------------
+TEACHER = dict(latent_dim=5, beta=4.0, steps=2000, batch_size=64, lr=5e-4)  # beta-VAE of Burgess et al. 2018
 # students: w_kd = 100 and w_adv = 100 are ours for this budget (the source's weights are 1; see
 # docs/beta_vaegan.md: our under-trained teacher leaves slack dims that a weight-1 L_KD does not pin,
 # and our summed reconstruction drowns a weight-1 L_GAN); `--w-kd 1 --student-set w_adv=1` runs eq. 1 as is
 STUDENT = dict(latent_dim=5, added_dims=1, beta=4.0, steps=3000, batch_size=32, lr=5e-4, lr_d=2e-4,
                w_kd=100.0, w_adv=100.0)
 PAPER_TEACHER_STEPS, PAPER_STUDENT_STEPS = 300_000, 50_000  # disentanglement_lib's 300k steps; ours
-GAMMAS = (0.0, 1.0, 5.0, 10.0)
-SEEDS = (0,)
+GAMMAS = (0.0, 1.0, 5.0, 10.0)  # weight of the filtered-prior GAN term (eq. 4): the source's sweep
+SEEDS = (0,)  # student seeds (the teacher has its own, --seed)
 METRIC = dict(LIB_VARIANT)  # 10,000 train / 5,000 eval votes, L = 64, variances from 10,000 samples
 POOL_SIZE = 30_000  # pooled votes: encode 30,000 images once instead of 970,000 (metrics.disentangle)
 TRACK_EVERY = 1000  # teacher steps between progress checks (quick metric: 1,000 / 500 votes, pool 10,000)
 WARMUP_STEPS = 1000  # option --warmup-teacher: beta ramps up from 0 over these steps
-CORRESPONDENCE_VOTES = 100
-DEGREES = (-1.0, 0.0, 1.0, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0)
-N_DEGREE_IMAGES = 500
+CORRESPONDENCE_VOTES = 100  # colour votes behind the added-factor correspondence
+DEGREES = (-1.0, 0.0, 1.0, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0)  # values of the added dim z6 in the degree study
+N_DEGREE_IMAGES = 500  # normal sprites turned into pseudo-anomalies at each degree
 ADDED_RANGE = (1.0, 5.0)  # traversal of the added dim (its own row; z1..z5 span -2 .. 2); below ~1.5 = off the data
 SOURCE_TABLE1 = {  # the source's Table 1: D-acc (5 original), D-acc (all 6), correspondence
     "teacher": (0.804, None, None), 0.0: (0.826, 0.667, 0.00), 1.0: (0.808, 0.840, 1.00),
     5.0: (0.816, 0.847, 1.00), 10.0: (0.766, 0.735, 1.00),
 }
+KEY = ("stage",)  # what identifies a row of results.jsonl (teacher, student_g1_s0, degree_g1, ...)
 
 
-class Results:
-    """Rows of results.jsonl keyed by 'stage' (a rerun skips finished stages)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.rows = {}
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    self.rows[row["stage"]] = row
-
-    def __contains__(self, stage: str) -> bool:
-        return stage in self.rows
-
-    def add(self, row: dict) -> dict:
-        self.rows[row["stage"]] = row
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        return row
+def stored(res: ResultStore, name: str) -> dict | None:
+    """The stored row of stage `name`, or None."""
+    return res.get((name,))
 
 
-class Clock:
-    def __enter__(self):
-        self.wall, self.cpu = time.time(), time.process_time()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall_s, self.cpu_s = time.time() - self.wall, time.process_time() - self.cpu
-
-
+# ---- run -------------------------------------------------------------------------------------------
 def _metric(model, data, seed: int, args, pool: EncodedPool | None = None) -> tuple[dict, EncodedPool | None]:
     rng = np.random.default_rng(seed)
     if pool is None and args.pool_size:
@@ -122,12 +109,12 @@ def _load_or_start_teacher(path: Path, args, **params) -> BetaVAE:
         teacher = BetaVAE.load(path, device=args.device)
     else:
         teacher = BetaVAE(**{**TEACHER, "steps": args.teacher_steps}, **params, seed=args.seed, device=args.device)
-        teacher._start()
+        teacher.start()
     teacher.progress = args.progress
     return teacher
 
 
-def teacher_stage(args, res: Results) -> BetaVAE:
+def teacher_stage(args, res: ResultStore) -> BetaVAE:
     path = args.out / "teacher"
     teacher = _load_or_start_teacher(path, args)
 
@@ -139,7 +126,7 @@ def teacher_stage(args, res: Results) -> BetaVAE:
         print(f"teacher step {m.steps_done_}: FactorVAE (quick 1,000/500 votes) {q['eval_accuracy']:.3f}")
 
     spent = _train_chunks(teacher, args.teacher_steps, path, track if args.track else None)
-    if "teacher" not in res:
+    if ("teacher",) not in res:
         with Clock() as c:
             m, _ = _metric(teacher, DSprites(), 1, args)
         row = res.add({"stage": "teacher", "model": "teacher", "seed": args.seed, "steps": teacher.steps_done_,
@@ -150,12 +137,12 @@ def teacher_stage(args, res: Results) -> BetaVAE:
     return teacher
 
 
-def warmup_teacher_stage(args, res: Results) -> None:
+def warmup_teacher_stage(args, res: ResultStore) -> None:
     """Option: the same teacher with beta ramped up from 0 over WARMUP_STEPS (reported beside the plain one)."""
     path = args.out / "teacher_warmup"
     teacher = _load_or_start_teacher(path, args, kl_warmup_steps=WARMUP_STEPS)
     spent = _train_chunks(teacher, args.teacher_steps, path)
-    if "teacher_warmup" not in res:
+    if ("teacher_warmup",) not in res:
         with Clock() as c:
             m, _ = _metric(teacher, DSprites(), 1, args)
         res.add({"stage": "teacher_warmup", "model": "teacher_warmup", "seed": args.seed,
@@ -164,9 +151,9 @@ def warmup_teacher_stage(args, res: Results) -> None:
                  "metric_cpu_s": c.cpu_s, "pool_size": args.pool_size, "kl_warmup_steps": WARMUP_STEPS})
 
 
-def pool_check_stage(args, res: Results, teacher: BetaVAE) -> None:
+def pool_check_stage(args, res: ResultStore, teacher: BetaVAE) -> None:
     """The pooled estimate against exact sampling on the teacher, both with 1,000 / 500 votes."""
-    if "teacher_pool_check" in res or not args.pool_size:
+    if ("teacher_pool_check",) in res or not args.pool_size:
         return
     exact = factor_vae_score(teacher.encode, DSprites(), np.random.default_rng(7), **QUICK_VARIANT)
     pooled = factor_vae_score(teacher.encode, DSprites(), np.random.default_rng(7), pool_size=args.pool_size,
@@ -185,23 +172,20 @@ _SUFFIX = {"kl_warmup_steps": "w", "w_kd": "kd"}  # short stage-name tags of the
 
 
 def student_overrides(args) -> dict:
-    """Student parameters that differ from STUDENT: the shortcut flags plus every --student-set KEY=VALUE."""
-    out = {}
+    """Student parameters that differ from STUDENT: the shortcut flags, then every --student-set KEY=VALUE
+    (later wins), each converted and checked against BetaVAEGAN's parameters: a bad one is one
+    ParameterError naming it."""
+    shortcuts = {}
     if args.student_warmup:
-        out["kl_warmup_steps"] = args.student_warmup
+        shortcuts["kl_warmup_steps"] = args.student_warmup
     if args.added_logvar_init is not None:
-        out["added_logvar_init"] = args.added_logvar_init
+        shortcuts["added_logvar_init"] = args.added_logvar_init
     if args.w_kd != STUDENT["w_kd"]:
-        out["w_kd"] = args.w_kd
-    for item in args.student_set:
-        key, sep, value = item.partition("=")
-        if not sep or key not in BetaVAEGAN.param_names():
-            raise SystemExit(f"--student-set expects KEY=VALUE with KEY one of {', '.join(BetaVAEGAN.param_names())}, "
-                             f"got {item!r}")
-        value = json.loads(value) if value not in ("", "None") else None
-        if STUDENT.get(key, inspect.signature(BetaVAEGAN).parameters[key].default) != value:
-            out[key] = float(value) if isinstance(value, int) and isinstance(STUDENT.get(key), float) else value
-    return out
+        shortcuts["w_kd"] = args.w_kd
+    given = {**shortcuts, **parse_items(args.student_set, what="--student-set")}
+    values = validate(BetaVAEGAN, given, owner="beta_vaegan student")
+    defaults = {**signature_defaults(BetaVAEGAN), **STUDENT}
+    return {k: v for k, v in values.items() if defaults[k] != v}
 
 
 def _value(v) -> str:
@@ -221,7 +205,7 @@ def _describe(overrides: dict) -> str:
     return "".join(f", {k}={_value(v)}" for k, v in sorted(overrides.items()))
 
 
-def student_stage(args, res: Results, teacher: BetaVAE, gamma: float, seed: int) -> BetaVAEGAN:
+def student_stage(args, res: ResultStore, teacher: BetaVAE, gamma: float, seed: int) -> BetaVAEGAN:
     overrides = args.overrides
     stage = _student_stage_name(gamma, seed, overrides)
     path = args.out / stage
@@ -235,7 +219,7 @@ def student_stage(args, res: Results, teacher: BetaVAE, gamma: float, seed: int)
         student.fit(teacher, added_set(), steps=0)
     student.progress = args.progress
     spent = _train_chunks(student, args.student_steps, path)
-    if stage not in res:
+    if (stage,) not in res:
         with Clock() as c:
             m5, _ = _metric(student, WhiteDSprites(), 11 + seed, args)
             m6, pool = _metric(student, ColouredDSprites(), 12 + seed, args)
@@ -253,178 +237,48 @@ def student_stage(args, res: Results, teacher: BetaVAE, gamma: float, seed: int)
     return student
 
 
-def traversal_figure(args, teacher: BetaVAE, student: BetaVAEGAN) -> Path:
-    from anomalab.report.plots import image_grid
-
-    values = np.linspace(-2.0, 2.0, 9)
-    image = WhiteDSprites().images_from_factors(np.array([[2, 3, 0, 16, 16]]))  # a mid-size heart, centred
-    zt, zs = teacher.encode(image)[0], student.encode(image)[0]
-    rows = [(f"teacher z{d + 1}", teacher.traverse(d, values, zt)) for d in range(teacher.latent_dim)]
-    rows += [(f"student z{d + 1}", student.traverse(d, values, zs)) for d in range(student.latent_dim)]
-    # the added dim over its own range: the encoder puts the data there (white ~2, red ~3 in our runs)
-    added = np.linspace(ADDED_RANGE[0], ADDED_RANGE[1], len(values))
-    rows += [(f"student z{student.added_dim + 1} ({added[0]:+g} .. {added[-1]:+g})",
-              student.traverse(student.added_dim, added, zs))]
-    return image_grid(rows, args.out / "traversal.png", col_titles=[f"{v:+.1f}" for v in values],
-                      title=f"latent traversals: teacher (top) vs student gamma={student.gamma:g} (bottom)"
-                      + (f", beta warm-up {student.kl_warmup_steps}" if student.kl_warmup_steps else ""))
-
-
-def degree_stage(args, res: Results, students: dict[float, BetaVAEGAN]) -> None:
+def degree_stage(args, res: ResultStore, students: dict[float, BetaVAEGAN]) -> tuple[dict, np.ndarray]:
+    """AUROC vs degree for every gamma: pseudo-anomalies of `N_DEGREE_IMAGES` white sprites at each of
+    DEGREES, scored by a PCA detector fitted on other white sprites. Returns (gamma -> curve, the sprites)."""
     from anomalab.registry import create
-    from anomalab.report.plots import image_grid
 
     rng = np.random.default_rng(21)
     white = WhiteDSprites()
     detector = create("pca", n_components=32, seed=0).fit(white.sample(2000, rng)[0])
     normal = white.sample(N_DEGREE_IMAGES, rng)[0]
     real_scores = detector.score(normal).numpy()
+    on = normal[:, 0] > 0.5  # sprite pixels: redness = R - mean(G, B) there (white 0, red 1, gray 0)
     curves = {}
     for gamma, student in students.items():
-        stage = f"degree_g{gamma:g}{_tags(args.overrides)}"
-        recon = student.decode(student.encode(normal))
-        recon_scores = detector.score(recon).numpy()
+        recon_scores = detector.score(student.decode(student.encode(normal))).numpy()
         rows = []
         for degree in DEGREES:
             fake = student.generate(normal, degree)
             s = detector.score(fake).numpy()
             labels = np.r_[np.zeros(len(s)), np.ones(len(s))]
-            on = normal[:, 0] > 0.5  # sprite pixels: redness = R - mean(G, B) there (white 0, red 1, gray 0)
-            redness = float((fake[:, 0] - fake[:, 1:].mean(1))[on].mean())
             rows.append({"degree": degree, "auroc_vs_reconstruction": image_auroc(labels, np.r_[recon_scores, s]),
-                         "auroc_vs_real": image_auroc(labels, np.r_[real_scores, s]), "redness": redness})
+                         "auroc_vs_real": image_auroc(labels, np.r_[real_scores, s]),
+                         "redness": float((fake[:, 0] - fake[:, 1:].mean(1))[on].mean())})
         curves[gamma] = rows
-        if stage not in res:
-            res.add({"stage": stage, "gamma": gamma, "overrides": args.overrides,
+        name = f"degree_g{gamma:g}{_tags(args.overrides)}"
+        if (name,) not in res:
+            res.add({"stage": name, "gamma": gamma, "overrides": args.overrides,
                      "detector": "pca(n_components=32) on 2,000 white sprites",
                      "n_images": N_DEGREE_IMAGES, "curve": rows})
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for gamma, rows in curves.items():
-        d = [r["degree"] for r in rows]
-        axes[0].plot(d, [r["auroc_vs_reconstruction"] for r in rows], marker="o", label=f"gamma={gamma:g}")
-        axes[1].plot(d, [r["redness"] for r in rows], marker="o", label=f"gamma={gamma:g}")
-    axes[0].set(xlabel="degree (value of the added dimension z6)", ylabel="AUROC (PCA detector)",
-                title="pseudo-anomalies vs unedited reconstructions")
-    axes[1].set(xlabel="degree (value of z6)", ylabel="redness of sprite pixels", title="colour of the output")
-    axes[0].axhline(0.5, color="grey", lw=0.8, ls=":")
-    axes[0].legend(frameon=False, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(args.out / "degree_curve.png", dpi=110)
-    plt.close(fig)
-    for gamma, s in students.items():
-        name = "degree_samples.png" if gamma == 1.0 else f"degree_samples_g{gamma:g}.png"
-        image_grid([(f"z6={d:+.2f}", s.generate(normal[:8], d)) for d in DEGREES], args.out / name,
-                   title=f"pseudo-anomalies of increasing degree (student gamma={gamma:g}) on 8 normal sprites")
+    return curves, normal
 
 
-def student_rows(res: Results) -> dict[str, dict[tuple[float, int], dict]]:
-    """Stored student rows grouped by setting (", w_kd=30" etc.; "" = the budget), budget first, then
-    sorted by name; within a setting sorted by (gamma, seed)."""
-    groups: dict[str, dict[tuple[float, int], dict]] = {}
-    for r in res.rows.values():
-        if r.get("model") == "student":
-            groups.setdefault(_describe(r.get("overrides", {})), {})[(r["gamma"], r["seed"])] = r
-    return {k: dict(sorted(groups[k].items())) for k in sorted(groups, key=lambda k: (k != "", k))}
-
-
-def correspondence_figure(res: Results, path: Path) -> Path | None:
-    """Heatmap of the added-factor correspondence by gamma (columns) and student setting (rows), the
-    source's Table 1 on top; D-acc (5) / D-acc (6) under each value. None when no student is stored."""
-    groups = student_rows(res)  # a setting is only there with at least one row
-    if not groups:
-        return None
-    import matplotlib.pyplot as plt
-
-    gammas = sorted({g for cells in groups.values() for g, _ in cells})
-    budget = f"w_kd={_value(STUDENT['w_kd'])}, w_adv={_value(STUDENT['w_adv'])}"
-    labels = ["source (Table 1)"] + [k[2:] if k else budget for k in groups]
-    grid = np.full((len(labels), len(gammas)), np.nan)
-    text = [[""] * len(gammas) for _ in labels]
-    for j, g in enumerate(gammas):
-        src = SOURCE_TABLE1.get(g)
-        if src:
-            grid[0, j] = src[2]
-            text[0][j] = f"{src[2]:.2f}\n{src[0]:.2f} / {src[1]:.2f}"
-        for i, cells in enumerate(groups.values(), start=1):
-            rows = [r for (gg, _), r in cells.items() if gg == g]
-            if rows:  # first seed shown; others are listed in results.md
-                r = rows[0]
-                grid[i, j] = r["correspondence"]
-                text[i][j] = f"{r['correspondence']:.2f}\n{r['d_acc_5']:.2f} / {r['d_acc_6']:.2f}"
-    fig, ax = plt.subplots(figsize=(1.5 + 1.3 * len(gammas), 0.9 + 0.6 * len(labels)))
-    ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-    for i in range(len(labels)):
-        for j in range(len(gammas)):
-            ax.text(j, i, text[i][j] or "-", ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(gammas)), [f"gamma={g:g}" for g in gammas])
-    ax.set_yticks(range(len(labels)), labels)
-    ax.axhline(0.5, color="black", lw=1.5)
-    t = res.rows.get("teacher")
-    teacher = f"; teacher D-acc {t['d_acc_5']:.3f} (source {SOURCE_TABLE1['teacher'][0]:.3f})" if t else ""
-    ax.set_title(f"added-factor correspondence (colour votes on z6)\nunder it: D-acc 5 original / all 6{teacher}",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def write_table(args, res: Results) -> str:
-    def fmt(v, spec=".3f"):
-        return "-" if v is None else format(v, spec)
-
-    t = res.rows.get("teacher")
-    lines = ["| model | D-acc (5 original) | D-acc (all 6) | correspondence | source: 5 / 6 / corr. "
-             "| steps x batch | train CPU min | seed |", "|---|---|---|---|---|---|---|---|"]
-    if t:
-        src = SOURCE_TABLE1["teacher"]
-        lines.append(f"| teacher (beta-VAE) | {fmt(t['d_acc_5'])} | - | - | {fmt(src[0])} / - / - | "
-                     f"{t['steps']} x {t['batch_size']} | {t['train_cpu_s'] / 60:.1f} | {t['seed']} |")
-    w = res.rows.get("teacher_warmup")
-    if w:
-        lines.append(f"| teacher option: beta warm-up over {w['kl_warmup_steps']} steps | {fmt(w['d_acc_5'])} | - | - "
-                     f"| - | {w['steps']} x {w['batch_size']} | {w['train_cpu_s'] / 60:.1f} | {w['seed']} |")
-    for setting, cells in student_rows(res).items():  # every stored setting: the budget's first
-        for (gamma, seed), r in cells.items():
-            src = SOURCE_TABLE1.get(gamma, (None, None, None))
-            lines.append(f"| student gamma={gamma:g}{setting} | {fmt(r['d_acc_5'])} | {fmt(r['d_acc_6'])} | "
-                         f"{fmt(r['correspondence'], '.2f')} | {fmt(src[0])} / {fmt(src[1])} / "
-                         f"{fmt(src[2], '.2f')} | {r['steps']} x {r['batch_size']} | "
-                         f"{r['train_cpu_s'] / 60:.1f} | {seed} |")
-    check = res.rows.get("teacher_pool_check")
-    pool = (f"votes drawn from a pool of {args.pool_size:,} encoded images (pooled votes)" if args.pool_size
-            else "exact sampling")
-    notes = [f"FactorVAE metric, disentanglement_lib variant: L = {METRIC['batch_size']}, {METRIC['num_train']:,} "
-             f"training / {METRIC['num_eval']:,} eval votes, variances from {METRIC['num_variance_estimate']:,} "
-             f"samples, prune std < 0.05; {pool}.",
-             "D-acc (5 original): white sprites; D-acc (all 6): colour as a sixth factor (white + 5 levels); "
-             f"correspondence: share of {CORRESPONDENCE_VOTES} colour votes naming the added dimension z6.",
-             "CPU minutes are process CPU time on a shared 2-core machine with torch.set_num_threads(1)."]
-    if check:
-        notes.append(f"Pooled vs exact sampling on the teacher (1,000 / 500 votes): {check['pooled_quick']:.3f} "
-                     f"vs {check['exact_quick']:.3f}.")
-    text = "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-    deg = [r for k, r in res.rows.items() if k.startswith("degree_g")]
-    if deg:
-        text += "\n| gamma | " + " | ".join(f"z6={d:g}" for d in DEGREES) + " |\n|---|" + "---|" * len(DEGREES) + "\n"
-        for r in sorted(deg, key=lambda r: r["stage"]):
-            g = f"{r['gamma']:g}" + _describe(r.get("overrides", {}))
-            text += f"| {g} (AUROC) | " + " | ".join(f"{c['auroc_vs_reconstruction']:.3f}"
-                                                           for c in r["curve"]) + " |\n"
-            text += f"| {g} (redness) | " + " | ".join(f"{c['redness']:.2f}" for c in r["curve"]) + " |\n"
-        text += ("\nAUROC of a PCA detector (32 components, fitted on 2,000 white sprites) separating "
-                 f"{N_DEGREE_IMAGES} pseudo-anomalies at each degree from the student's unedited "
-                 "reconstructions of the same sprites; redness = R - mean(G, B) on the input's sprite pixels "
-                 "(white 0, red 1).\n")
-    (args.out / "results.md").write_text(text)
-    return text
+def check_settings(args) -> None:
+    """Every teacher and student setting checked (ParameterError naming it) before anything trains."""
+    args.overrides = student_overrides(args)
+    validate(BetaVAE, {**TEACHER, "steps": args.teacher_steps, "seed": args.seed, "device": args.device},
+             owner="beta_vae teacher")
+    validate(BetaVAEGAN, {**STUDENT, "steps": args.student_steps, **args.overrides, "device": args.device},
+             owner="beta_vaegan student")
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="runs/beta_vaegan_dsprites", type=Path)
+    p = parser("beta_vaegan_dsprites", __doc__)
     p.add_argument("--gammas", type=float, nargs="+", default=list(GAMMAS))
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     p.add_argument("--seed", type=int, default=0, help="teacher seed")
@@ -446,19 +300,18 @@ def main(argv: list[str] | None = None) -> None:
                    help=f"students: weight of L_KD (eq. 3; source 1, default {STUDENT['w_kd']:g}). A larger weight "
                         "pins the teacher's dims harder; cells with another weight are stored as separate stages")
     p.add_argument("--student-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="students: any BetaVAEGAN parameter, value as JSON (e.g. w_pixel=0); repeatable; "
+                   help="students: any BetaVAEGAN parameter (e.g. w_pixel=0), converted to its type; repeatable; "
                         "cells with other parameters are stored as separate stages")
     p.add_argument("--no-check-pool", dest="check_pool", action="store_false")
     p.add_argument("--no-figures", dest="figures", action="store_false",
                    help="skip the traversal and degree figures (correspondence.png, drawn from the table, is kept)")
     p.add_argument("--progress", action="store_true", help="progress bars")
     args = p.parse_args(argv)
-    args.overrides = student_overrides(args)  # checked here, before any training
     if args.paper:
         args.teacher_steps, args.student_steps, args.pool_size = PAPER_TEACHER_STEPS, PAPER_STUDENT_STEPS, 0
         args.device, args.track = "auto", True
-    args.out.mkdir(parents=True, exist_ok=True)
-    res = Results(args.out / "results.jsonl")
+    check_settings(args)
+    res = open_store(args.out, KEY)
     teacher = teacher_stage(args, res)
     if args.warmup_teacher:
         warmup_teacher_stage(args, res)
@@ -469,11 +322,149 @@ def main(argv: list[str] | None = None) -> None:
     if args.figures:
         if 1.0 in students:
             traversal_figure(args, teacher, students[1.0])
-        degree_stage(args, res, students)
+        curves, normal = degree_stage(args, res, students)
+        degree_figures(curves, students, normal, args.out)
     if args.check_pool:
         pool_check_stage(args, res, teacher)
     correspondence_figure(res, args.out / "correspondence.png")  # from the table alone: always
-    print(write_table(args, res))
+    print(write_table(args.out, table_lines(res, args)))
+
+
+# ---- table -----------------------------------------------------------------------------------------
+def student_rows(res: ResultStore) -> dict[str, dict[tuple[float, int], dict]]:
+    """Stored student rows grouped by setting (", w_kd=30" etc.; "" = the budget), budget first, then
+    sorted by name; within a setting sorted by (gamma, seed)."""
+    groups: dict[str, dict[tuple[float, int], dict]] = {}
+    for r in res:
+        if r.get("model") == "student":
+            groups.setdefault(_describe(r.get("overrides", {})), {})[(r["gamma"], r["seed"])] = r
+    return {k: dict(sorted(groups[k].items())) for k in sorted(groups, key=lambda k: (k != "", k))}
+
+
+def table_lines(res: ResultStore, args) -> list[str]:
+    """results.md: the teacher(s), every stored student setting, the metric's notes, the degree curves."""
+    body = []
+    t = stored(res, "teacher")
+    if t:
+        src = SOURCE_TABLE1["teacher"]
+        body.append(["teacher (beta-VAE)", fmt(t["d_acc_5"]), "-", "-", f"{fmt(src[0])} / - / -",
+                     f"{t['steps']} x {t['batch_size']}", f"{t['train_cpu_s'] / 60:.1f}", t["seed"]])
+    w = stored(res, "teacher_warmup")
+    if w:
+        body.append([f"teacher option: beta warm-up over {w['kl_warmup_steps']} steps", fmt(w["d_acc_5"]), "-", "-",
+                     "-", f"{w['steps']} x {w['batch_size']}", f"{w['train_cpu_s'] / 60:.1f}", w["seed"]])
+    for setting, cells in student_rows(res).items():  # every stored setting: the budget's first
+        for (gamma, seed), r in cells.items():
+            src = SOURCE_TABLE1.get(gamma, (None, None, None))
+            body.append([f"student gamma={gamma:g}{setting}", fmt(r["d_acc_5"]), fmt(r["d_acc_6"]),
+                         fmt(r["correspondence"], ".2f"), f"{fmt(src[0])} / {fmt(src[1])} / {fmt(src[2], '.2f')}",
+                         f"{r['steps']} x {r['batch_size']}", f"{r['train_cpu_s'] / 60:.1f}", seed])
+    lines = markdown_table(["model", "D-acc (5 original)", "D-acc (all 6)", "correspondence",
+                            "source: 5 / 6 / corr.", "steps x batch", "train CPU min", "seed"], body)
+    pool = (f"votes drawn from a pool of {args.pool_size:,} encoded images (pooled votes)" if args.pool_size
+            else "exact sampling")
+    notes = [f"FactorVAE metric, disentanglement_lib variant: L = {METRIC['batch_size']}, {METRIC['num_train']:,} "
+             f"training / {METRIC['num_eval']:,} eval votes, variances from {METRIC['num_variance_estimate']:,} "
+             f"samples, prune std < 0.05; {pool}.",
+             "D-acc (5 original): white sprites; D-acc (all 6): colour as a sixth factor (white + 5 levels); "
+             f"correspondence: share of {CORRESPONDENCE_VOTES} colour votes naming the added dimension z6.",
+             "CPU minutes are process CPU time on a shared 2-core machine with torch.set_num_threads(1)."]
+    check = stored(res, "teacher_pool_check")
+    if check:
+        notes.append(f"Pooled vs exact sampling on the teacher (1,000 / 500 votes): {check['pooled_quick']:.3f} "
+                     f"vs {check['exact_quick']:.3f}.")
+    lines += ["", *(f"- {n}" for n in notes)]
+    deg = sorted((r for r in res if r["stage"].startswith("degree_g")), key=lambda r: r["stage"])
+    if deg:
+        curve_rows = []
+        for r in deg:
+            g = f"{r['gamma']:g}" + _describe(r.get("overrides", {}))
+            curve_rows.append([f"{g} (AUROC)", *(f"{c['auroc_vs_reconstruction']:.3f}" for c in r["curve"])])
+            curve_rows.append([f"{g} (redness)", *(f"{c['redness']:.2f}" for c in r["curve"])])
+        lines += ["", *markdown_table(["gamma", *(f"z6={d:g}" for d in DEGREES)], curve_rows), "",
+                  "AUROC of a PCA detector (32 components, fitted on 2,000 white sprites) separating "
+                  f"{N_DEGREE_IMAGES} pseudo-anomalies at each degree from the student's unedited "
+                  "reconstructions of the same sprites; redness = R - mean(G, B) on the input's sprite pixels "
+                  "(white 0, red 1)."]
+    return lines
+
+
+# ---- figures ---------------------------------------------------------------------------------------
+def traversal_figure(args, teacher: BetaVAE, student: BetaVAEGAN) -> Path:
+    from anomalab.report.plots import image_grid
+
+    values = np.linspace(-2.0, 2.0, 9)
+    image = WhiteDSprites().images_from_factors(np.array([[2, 3, 0, 16, 16]]))  # a mid-size heart, centred
+    zt, zs = teacher.encode(image)[0], student.encode(image)[0]
+    rows = [(f"teacher z{d + 1}", teacher.traverse(d, values, zt)) for d in range(teacher.latent_dim)]
+    rows += [(f"student z{d + 1}", student.traverse(d, values, zs)) for d in range(student.latent_dim)]
+    # the added dim over its own range: the encoder puts the data there (white ~2, red ~3 in our runs)
+    added = np.linspace(ADDED_RANGE[0], ADDED_RANGE[1], len(values))
+    rows += [(f"student z{student.added_dim + 1} ({added[0]:+g} .. {added[-1]:+g})",
+              student.traverse(student.added_dim, added, zs))]
+    return image_grid(rows, args.out / "traversal.png", col_titles=[f"{v:+.1f}" for v in values],
+                      title=f"latent traversals: teacher (top) vs student gamma={student.gamma:g} (bottom)"
+                      + (f", beta warm-up {student.kl_warmup_steps}" if student.kl_warmup_steps else ""))
+
+
+def degree_figures(curves: dict, students: dict[float, BetaVAEGAN], normal, out: Path) -> None:
+    """degree_curve.png (AUROC and redness vs degree per gamma) and degree_samples*.png (8 sprites)."""
+    from anomalab.report.plots import image_grid
+
+    fig, axes = pyplot().subplots(1, 2, figsize=(9, 3.4))
+    for gamma, rows in curves.items():
+        d = [r["degree"] for r in rows]
+        axes[0].plot(d, [r["auroc_vs_reconstruction"] for r in rows], marker="o", label=f"gamma={gamma:g}")
+        axes[1].plot(d, [r["redness"] for r in rows], marker="o", label=f"gamma={gamma:g}")
+    axes[0].set(xlabel="degree (value of the added dimension z6)", ylabel="AUROC (PCA detector)",
+                title="pseudo-anomalies vs unedited reconstructions")
+    axes[1].set(xlabel="degree (value of z6)", ylabel="redness of sprite pixels", title="colour of the output")
+    axes[0].axhline(0.5, color="grey", lw=0.8, ls=":")
+    axes[0].legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, out / "degree_curve.png")
+    for gamma, s in students.items():
+        name = "degree_samples.png" if gamma == 1.0 else f"degree_samples_g{gamma:g}.png"
+        image_grid([(f"z6={d:+.2f}", s.generate(normal[:8], d)) for d in DEGREES], out / name,
+                   title=f"pseudo-anomalies of increasing degree (student gamma={gamma:g}) on 8 normal sprites")
+
+
+def correspondence_figure(res: ResultStore, path: Path) -> Path | None:
+    """Heatmap of the added-factor correspondence by gamma (columns) and student setting (rows), the
+    source's Table 1 on top; D-acc (5) / D-acc (6) under each value. None when no student is stored."""
+    groups = student_rows(res)  # a setting is only there with at least one row
+    if not groups:
+        return None
+    gammas = sorted({g for cells in groups.values() for g, _ in cells})
+    budget = f"w_kd={_value(STUDENT['w_kd'])}, w_adv={_value(STUDENT['w_adv'])}"
+    labels = ["source (Table 1)"] + [k[2:] if k else budget for k in groups]
+    grid = np.full((len(labels), len(gammas)), np.nan)
+    text = [[""] * len(gammas) for _ in labels]
+    for j, g in enumerate(gammas):
+        src = SOURCE_TABLE1.get(g)
+        if src:
+            grid[0, j] = src[2]
+            text[0][j] = f"{src[2]:.2f}\n{src[0]:.2f} / {src[1]:.2f}"
+        for i, cells in enumerate(groups.values(), start=1):
+            rows = [r for (gg, _), r in cells.items() if gg == g]
+            if rows:  # first seed shown; others are listed in results.md
+                r = rows[0]
+                grid[i, j] = r["correspondence"]
+                text[i][j] = f"{r['correspondence']:.2f}\n{r['d_acc_5']:.2f} / {r['d_acc_6']:.2f}"
+    fig, ax = pyplot().subplots(figsize=(1.5 + 1.3 * len(gammas), 0.9 + 0.6 * len(labels)))
+    ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    for i in range(len(labels)):
+        for j in range(len(gammas)):
+            ax.text(j, i, text[i][j] or "-", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(gammas)), [f"gamma={g:g}" for g in gammas])
+    ax.set_yticks(range(len(labels)), labels)
+    ax.axhline(0.5, color="black", lw=1.5)
+    t = stored(res, "teacher")
+    teacher = f"; teacher D-acc {t['d_acc_5']:.3f} (source {SOURCE_TABLE1['teacher'][0]:.3f})" if t else ""
+    ax.set_title(f"added-factor correspondence (colour votes on z6)\nunder it: D-acc 5 original / all 6{teacher}",
+                 fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":

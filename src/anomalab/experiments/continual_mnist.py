@@ -1,10 +1,11 @@
-"""Continual learning for anomaly detection on MNIST (METHODS.md section 3; Wiewel & Yang 2019).
+"""Continual learning for anomaly detection on MNIST (Wiewel & Yang 2019; docs/continual.md).
 
-Tasks are digits 1..9 in order, digit 0 is the anomaly. The seed-2 VAE learns the tasks one at a time
-with four strategies (joint = upper bound, replay = generative replay of the source, ewc, finetune =
-lower bound); after each task it is evaluated by image AUROC on held-out normals of the digits seen so
-far vs all images of digit 0. Writes runs/continual_mnist/: results.jsonl (one line per strategy x
-seed, resumable), results.md, figures.
+Tasks are digits 1..9 in order, digit 0 is the anomaly. The conv28 VAE (the 28x28 convolutional VAE of
+docs/detectors/conv_ae_vae.md) learns the tasks one at a time with four strategies (joint = upper bound,
+replay = generative replay of the source, ewc, finetune = lower bound); after each task it is evaluated
+by image AUROC on held-out normals of the digits seen so far vs all images of digit 0. Writes
+runs/continual_mnist/: results.jsonl (one row per strategy x seed x settings; a rerun skips them),
+results.md, figures.
 
     anomalab experiment continual_mnist --seeds 0 1 2
 """
@@ -12,21 +13,21 @@ seed, resumable), results.md, figures.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from anomalab.experiments._common import Clock, markdown_table, mean_std, open_store, parser, write_table
 
 # ---- settings (our reduced CPU budget; see docs/continual.md) --------------------------------------
 STRATEGIES = ["joint", "replay", "ewc", "finetune"]
 SEEDS = [0, 1, 2]
 EPOCHS = 20  # per task (400 images of one digit: 260 steps of 32)
 BATCH_SIZE = 32
-LATENT_DIM = 8  # z of the seed-2 VAE; 8 beat 32 and 64 in our pilot (docs/continual.md)
+LATENT_DIM = 8  # z of the conv28 VAE; 8 beat 32 and 64 in our pilot (docs/continual.md)
 LR = 3e-3  # Adam (fresh per task); 1e-3 left the VAE's samples grey after 20 epochs
 EWC_LAMBDA = 100.0  # chosen by a sweep over 0.01, 1, 100, 1e4 on seed 100 (docs/continual.md)
 FISHER_SAMPLES = 200  # images per task for the diagonal Fisher
@@ -34,13 +35,16 @@ REPLAY_FRACTION = 0.5  # source: batch_size / 2 replayed images per step
 TEST_FRAC = 0.2  # held-out share of each normal digit (100 of 500 in the packaged digits)
 JOINT = "equal-steps"  # joint at equal compute; "union" = epochs over all data so far (i times the cost)
 N_SHOW = 12  # replayed samples drawn per task in the figures
+KEY = ("strategy", "seed", "settings")  # what identifies a row of results.jsonl
+STORED = {"joint": "earlier tasks' images", "replay": "decoder copy", "ewc": "Fisher + anchor",
+          "finetune": "nothing"}  # what each strategy keeps between tasks (the table's memory column)
 
 log = logging.getLogger(__name__)
 
 
+# ---- run -------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="anomalab experiment continual_mnist",
-                                description=__doc__.split("\n")[0])
+    p = parser("continual_mnist", __doc__)
     p.add_argument("--seeds", type=int, nargs="+", default=SEEDS)
     p.add_argument("--strategies", nargs="+", default=STRATEGIES, choices=STRATEGIES)
     p.add_argument("--epochs", type=int, default=EPOCHS, help="epochs per task")
@@ -56,7 +60,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mnist-root", default=None,
                    help="folder of the MNIST IDX files: train on the 60,000 training digits, test on the "
                         "10,000 test digits (default: the 5,000 packaged digits, 20%% held out)")
-    p.add_argument("--out", default="runs/continual_mnist")
     p.add_argument("--threads", type=int, default=1)
     return p.parse_args(argv)
 
@@ -103,8 +106,8 @@ def strategy_params(name: str, args: argparse.Namespace) -> dict:
 def run_cell(strategy: str, seed: int, args: argparse.Namespace, out: Path) -> dict:
     """Learn the 9 tasks with one strategy and seed; evaluate after each task."""
     from anomalab.continual import ContinualLearner
-    from anomalab.detectors.vae import VAE
     from anomalab.metrics import image_auroc
+    from anomalab.registry import create
 
     seq = make_sequence(args, seed)
     digits = [int(n) for n in seq.names]
@@ -113,15 +116,15 @@ def run_cell(strategy: str, seed: int, args: argparse.Namespace, out: Path) -> d
     owner = np.concatenate([np.full(len(t), d) for t, d in zip(seq.tests, digits, strict=True)]
                            + [np.full(len(seq.anomalies), seq.meta["anomaly_digit"])])
     anomaly = owner == seq.meta["anomaly_digit"]
-    detector = VAE(latent_dim=args.latent_dim, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                   seed=seed)
+    detector = create("vae", latent_dim=args.latent_dim, epochs=args.epochs, batch_size=args.batch_size,
+                      lr=args.lr, seed=seed)
     detector.progress = False
     learner = ContinualLearner(detector, strategy, **strategy_params(strategy, args))
     auroc, digit_score, digit_auroc, samples, task_s = [], [], [], [], []
     for i, task in enumerate(seq.tasks):
-        t0 = time.perf_counter()
-        learner.learn(task, name=seq.names[i])
-        task_s.append(time.perf_counter() - t0)
+        with Clock() as clock:
+            learner.learn(task, name=seq.names[i])
+        task_s.append(clock.wall_s)
         scores = detector.score(pool).numpy().astype(np.float64)
         seen = np.isin(owner, digits[: i + 1])
         keep = seen | anomaly
@@ -149,82 +152,70 @@ def run_cell(strategy: str, seed: int, args: argparse.Namespace, out: Path) -> d
             "n_anomalies": len(seq.anomalies), "split": seq.meta["split"]}
 
 
-def load_done(path: Path, args: argparse.Namespace) -> dict[tuple[str, int], dict]:
-    """Finished (strategy, seed) cells of results.jsonl run with the current settings."""
-    done = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                strategy = rec["strategy"]
-                if strategy in STRATEGIES and rec.get("settings") == settings_key(args, strategy):
-                    done[(rec["strategy"], rec["seed"])] = rec
-    return done
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(args.threads)
+    store = open_store(args.out, KEY)
+    records = {}
+    for seed in args.seeds:
+        for strategy in args.strategies:
+            key = {"strategy": strategy, "seed": seed, "settings": settings_key(args, strategy)}
+            records[(strategy, seed)] = store.get(key) or store.add(run_cell(strategy, seed, args, args.out))
+    ink = {seed: ink_auroc(args, seed) for seed in args.seeds}
+    text = write_table(args.out, table_lines(records, ink, args))
+    make_figures(records, ink, args, args.out)
+    sys.stdout.write(text)
+    return records
 
 
-def mean_std(values, digits: int = 3) -> str:
-    values = np.asarray(values, dtype=float)
-    return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}"
-
-
-def write_table(records: dict, ink: dict[int, list[float]], args: argparse.Namespace, out: Path) -> str:
+# ---- table -----------------------------------------------------------------------------------------
+def table_lines(records: dict, ink: dict[int, list[float]], args: argparse.Namespace) -> list[str]:
     strategies = [s for s in args.strategies if any(k[0] == s for k in records)]
     seeds = sorted({k[1] for k in records})
-    any_rec = next(iter(records.values()))
-    tasks = any_rec["tasks"]
-    lines = [f"Continual MNIST (digits {'..'.join([tasks[0], tasks[-1]])} in order, anomaly digit 0); seeds "
-             f"{seeds}; {args.epochs} epochs per task, batch {args.batch_size}, lr {args.lr}, "
-             f"latent {args.latent_dim}, "
-             f"ewc_lambda {args.ewc_lambda}, joint {args.joint}; image AUROC (held-out normals of the digits "
-             "seen so far vs all 0s), mean ± std over seeds.", "",
-             "| strategy | " + " | ".join(f"after {t}" for t in tasks) + " |",
-             "|---" * (len(tasks) + 1) + "|"]
-    for s in strategies:
-        recs = [records[(s, seed)] for seed in seeds if (s, seed) in records]
-        cells = [mean_std([r["auroc"][i] for r in recs]) for i in range(len(tasks))]
-        lines.append(f"| {s} | " + " | ".join(cells) + " |")
-    cells = [mean_std([ink[seed][i] for seed in seeds]) for i in range(len(tasks))]
-    lines.append("| ink (no training: score = mean x²) | " + " | ".join(cells) + " |")
+    tasks = next(iter(records.values()))["tasks"]
+
+    def runs(s: str) -> list[dict]:
+        return [records[(s, seed)] for seed in seeds if (s, seed) in records]
+
+    per_task = [[s, *(mean_std(r["auroc"][i] for r in runs(s)) for i in range(len(tasks)))] for s in strategies]
+    per_task.append(["ink (no training: score = mean x²)",
+                     *(mean_std(ink[seed][i] for seed in seeds) for i in range(len(tasks)))])
     first = tasks[0]
-    lines += ["", f"Forgetting: AUROC of digit {first} (the first task) vs digit 0, right after task 1 and "
-              "after the last task, and the drop averaged over every earlier digit d (AUROC of d vs 0 right "
-              "after task d minus after the last task); reconstruction MSE of held-out digits: of each digit "
-              "right after its task (learning) and of all normal digits after the last task (memory); memory "
-              "kept while training the last task; training time per seed.", "",
-              f"| strategy | final AUROC (all digits) | digit-{first} AUROC after task 1 | after last task | "
-              "mean forgetting, earlier digits | MSE of digit d after task d | "
-              "MSE of digits 1-9 at the end | "
-              "memory kept | train s / seed |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    forgetting = []
     for s in strategies:
-        recs = [records[(s, seed)] for seed in seeds if (s, seed) in records]
-        a1 = [r["digit_auroc"][0][first] for r in recs]
-        a9 = [r["digit_auroc"][-1][first] for r in recs]
+        recs = runs(s)
         drop = [np.mean([r["digit_auroc"][k][t] - r["digit_auroc"][-1][t] for k, t in enumerate(tasks[:-1])])
                 for r in recs]
-        mem = recs[0]["memory_bytes"][-1]
-        what = {"joint": "earlier tasks' images", "replay": "decoder copy", "ewc": "Fisher + anchor",
-                "finetune": "nothing"}[s]
-        final = mean_std([r["auroc"][-1] for r in recs])
         learned = [np.mean([r["digit_score"][k][t] for k, t in enumerate(tasks)]) for r in recs]
         kept = [np.mean([r["digit_score"][-1][t] for t in tasks]) for r in recs]
-        lines.append(f"| {s} | {final} | {mean_std(a1)} | {mean_std(a9)} | "
-                     f"{mean_std(drop)} | {mean_std(learned, 4)} | {mean_std(kept, 4)} | "
-                     f"{mem / 1e6:.3f} MB ({what}) | "
-                     f"{np.mean([sum(r['task_s']) for r in recs]):.0f} |")
-    text = "\n".join(lines) + "\n"
-    (out / "results.md").write_text(text)
-    return text
+        forgetting.append([s, mean_std(r["auroc"][-1] for r in recs),
+                           mean_std(r["digit_auroc"][0][first] for r in recs),
+                           mean_std(r["digit_auroc"][-1][first] for r in recs), mean_std(drop),
+                           mean_std(learned, 4), mean_std(kept, 4),
+                           f"{recs[0]['memory_bytes'][-1] / 1e6:.3f} MB ({STORED[s]})",
+                           f"{np.mean([sum(r['task_s']) for r in recs]):.0f}"])
+    return [f"Continual MNIST (digits {'..'.join([tasks[0], tasks[-1]])} in order, anomaly digit 0); seeds "
+            f"{seeds}; {args.epochs} epochs per task, batch {args.batch_size}, lr {args.lr}, "
+            f"latent {args.latent_dim}, ewc_lambda {args.ewc_lambda}, joint {args.joint}; image AUROC (held-out "
+            "normals of the digits seen so far vs all 0s), mean ± std over seeds.", "",
+            *markdown_table(["strategy", *(f"after {t}" for t in tasks)], per_task), "",
+            f"Forgetting: AUROC of digit {first} (the first task) vs digit 0, right after task 1 and "
+            "after the last task, and the drop averaged over every earlier digit d (AUROC of d vs 0 right "
+            "after task d minus after the last task); reconstruction MSE of held-out digits: of each digit "
+            "right after its task (learning) and of all normal digits after the last task (memory); memory "
+            "kept while training the last task; training time per seed.", "",
+            *markdown_table(["strategy", "final AUROC (all digits)", f"digit-{first} AUROC after task 1",
+                             "after last task", "mean forgetting, earlier digits", "MSE of digit d after task d",
+                             "MSE of digits 1-9 at the end", "memory kept", "train s / seed"], forgetting)]
 
 
+# ---- figures ---------------------------------------------------------------------------------------
 def make_figures(records: dict, ink: dict[int, list[float]], args: argparse.Namespace, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from anomalab.experiments._common import pyplot, save_figure
     from anomalab.report.plots import image_grid
 
+    plt = pyplot()
     strategies = [s for s in args.strategies if any(k[0] == s for k in records)]
     seeds = sorted({k[1] for k in records})
     tasks = next(iter(records.values()))["tasks"]
@@ -241,8 +232,7 @@ def make_figures(records: dict, ink: dict[int, list[float]], args: argparse.Name
     ax.set_ylabel("image AUROC (0 vs digits seen)")
     ax.set_title(f"continual MNIST, VAE z={args.latent_dim}, {len(seeds)} seeds (mean ± std)", fontsize=9)
     ax.legend(frameon=False, fontsize=8)
-    fig.savefig(out / "auroc_vs_task.png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, out / "auroc_vs_task.png")
 
     digits = ["0", *tasks]
     mats = {s: np.mean([[[row[d] for d in digits] for row in records[(s, seed)]["digit_score"]]
@@ -257,8 +247,7 @@ def make_figures(records: dict, ink: dict[int, list[float]], args: argparse.Name
         ax.set_ylabel("after task")
         ax.set_title(s, fontsize=9)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="mean reconstruction MSE")
-    fig.savefig(out / "error_matrix.png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, out / "error_matrix.png")
 
     seed = seeds[0]
     sample_file = out / f"samples_replay_seed{seed}.npy"
@@ -275,30 +264,6 @@ def make_figures(records: dict, ink: dict[int, list[float]], args: argparse.Name
     if len(rows) > 1:
         image_grid(rows, out / "reconstructions.png", col_titles=[*tasks, "0 (anomaly)"],
                    title=f"held-out digits reconstructed after the last task, seed {seed}")
-
-
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = out / "results.jsonl"
-    done = load_done(results, args)
-    for seed in args.seeds:
-        for strategy in args.strategies:
-            if (strategy, seed) in done:
-                continue
-            rec = run_cell(strategy, seed, args, out)
-            with results.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
-            done[(strategy, seed)] = rec
-    records = {k: v for k, v in done.items() if k[0] in args.strategies and k[1] in args.seeds}
-    ink = {seed: ink_auroc(args, seed) for seed in sorted({k[1] for k in records})}
-    text = write_table(records, ink, args, out)
-    make_figures(records, ink, args, out)
-    sys.stdout.write(text)
-    return records
 
 
 if __name__ == "__main__":

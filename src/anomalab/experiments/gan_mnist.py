@@ -1,42 +1,59 @@
-"""MNIST one-class reproduction of the GAN detectors (METHODS.md sections 2 and 6, GANomaly protocol).
+"""GAN detectors (GANomaly, Skip-GANomaly, EGBAD, AnoGAN) on one-class MNIST, the GANomaly protocol.
 
 For each anomaly digit d and seed s: train on 80 % of the other nine digits (shuffled with s), test on
-the remaining 20 % plus ALL images of digit d; image AUROC (and AUPRC, EGBAD's paper metric) of the
-model after the last epoch, networks in eval mode. Results are appended to `results.jsonl` (one line
-per detector x digit x seed x budget), so a cut run resumes skipping finished cells; `results.md`,
-the AUROC bars, score histograms, best/worst image grids and GANomaly loss curves are rebuilt from it.
+the remaining 20 % plus ALL images of digit d (the protocol of Akcay et al. 2018, GANomaly); image AUROC
+(and AUPRC, EGBAD's paper metric) of the model after the last epoch, networks in eval mode. Results are
+appended to `results.jsonl` (one row per detector x digit x seed x budget), so a cut run resumes skipping
+finished cells; `results.md`, the AUROC bars, score histograms, best/worst image grids and GANomaly loss
+curves are rebuilt from it. Detector pages: docs/detectors/{ganomaly,skip_ganomaly,egbad,anogan}.md.
 
 Paper-length run (about 15 epochs x 10 digits x 3 seeds x 4 detectors: many CPU hours):
     anomalab experiment gan_mnist
 Reduced run: pass --epochs, --digits, --seeds, --detectors and --set DET.PARAM=VALUE overrides
 (`DET.train_limit=N` trains on a random N-image subset of the training split, `DET.test_limit=N` scores
 a stratified random N-image subset of the test set: AnoGAN's per-query latent search makes its scoring
-the expensive part).
+the expensive part). A bad `--set` value fails with one ParameterError before any training.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from anomalab.data.mnist import load_mnist
 from anomalab.data.splits import one_class_split
 from anomalab.data.transforms import prepare
-from anomalab.evaluate import evaluate
-from anomalab.registry import REGISTRY, create
+from anomalab.detector import Trainable
+from anomalab.evaluation import evaluate
+from anomalab.experiments._common import (
+    detector_sets,
+    markdown_table,
+    mean_std,
+    open_store,
+    parser,
+    pyplot,
+    save_figure,
+    write_table,
+)
+from anomalab.params import validate
+from anomalab.registry import REGISTRY, create, detector_class
 
 log = logging.getLogger(__name__)
 
-DETECTORS = ("ganomaly", "skip_ganomaly", "egbad", "anogan")
+# ---- settings --------------------------------------------------------------------------------------
+DETECTORS = ("ganomaly", "skip_ganomaly", "egbad", "anogan")  # each at its paper's settings by default
 BASELINES = ("knn", "pca")  # cheap references scored on the same splits
-DIGITS = tuple(range(10))
-SEEDS = (0, 1, 2)
+DIGITS = tuple(range(10))  # anomaly digits
+SEEDS = (0, 1, 2)  # shuffles of the normal digits before the 80 / 20 split (and the detectors' seeds)
+KEY = ("detector", "digit", "seed", "budget")  # what identifies a row of results.jsonl
 # Reference AUROCs on the same protocol and the same 5,000 digits at 32x32 (measured with anomalib 2.7.0's
 # GANomaly: honest last-epoch evaluation) and a raw-pixel kNN, per anomaly digit.
 REFERENCE = {
@@ -45,10 +62,20 @@ REFERENCE = {
     "raw-pixel kNN": {0: 0.973, 1: 0.494, 8: 0.900},
 }
 GRID_DIGIT = 0  # the digit whose histograms and image grids the docs show
+SCORE_BATCH = 64  # test batch size of the official protocol's batch-statistics scoring (the official code's)
 
 
+class CellLimits:
+    """Settings of a cell that `--set DET.PARAM=VALUE` takes besides the detector's own parameters."""
+
+    def __init__(self, train_limit: int | None = None, test_limit: int | None = None):
+        self.train_limit = train_limit  # train on a random subset of this many training images
+        self.test_limit = test_limit  # score a stratified random subset of this many test images
+
+
+# ---- run -------------------------------------------------------------------------------------------
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="anomalab experiment gan_mnist", description=__doc__.splitlines()[0])
+    p = parser("gan_mnist", __doc__)
     p.add_argument("--digits", type=int, nargs="+", default=list(DIGITS), help="anomaly digits")
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     p.add_argument("--detectors", nargs="+", default=list(DETECTORS), choices=DETECTORS)
@@ -56,7 +83,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="DET.PARAM=VALUE",
                    help="override a detector parameter, e.g. egbad.lr=1e-4 or anogan.n_steps=50")
     p.add_argument("--mnist-root", default=None, help="folder with the MNIST IDX files (default: 5,000 digits)")
-    p.add_argument("--out", default="runs/gan_mnist")
     p.add_argument("--no-baselines", action="store_true", help="skip the knn/pca reference rows")
     p.add_argument("--official-protocol", action="store_true",
                    help="also score GANomaly as its official code does (BatchNorm in train mode, best epoch "
@@ -70,21 +96,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def overrides(items: list[str]) -> dict[str, dict]:
-    out: dict[str, dict] = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        det, _, param = key.partition(".")
-        if not value or not param:
-            raise ValueError(f"--set expects DET.PARAM=VALUE, got {item!r}")
-        out.setdefault(det, {})[param] = json.loads(value) if value[0] in "-0123456789[{tf" else value
-    return out
-
-
-def budget_of(name: str, epochs: int | None, extra: dict) -> str:
-    parts = [f"epochs={epochs}" if epochs is not None else "epochs=paper"]
-    parts += [f"{k}={v}" for k, v in sorted(extra.items())]
-    return " ".join(parts)
+def plan(name: str, epochs: int | None, extra: dict) -> tuple[dict, dict, str]:
+    """(detector parameters, cell limits, budget tag) of one detector; `extra` holds its checked `--set`
+    values. The budget tag names every setting that differs from the paper's (results.jsonl's key)."""
+    extra = dict(extra)
+    limits = {k: extra.pop(k) for k in ("train_limit", "test_limit") if k in extra}
+    if name in BASELINES:
+        return extra, limits, " ".join(f"{k}={v}" for k, v in sorted(extra.items())) or "default"
+    params = {**extra, **({"epochs": epochs} if epochs is not None else {})}
+    validate(detector_class(name), params, owner=name)  # --epochs too
+    budget = " ".join([f"epochs={epochs}" if epochs is not None else "epochs=paper",
+                       *(f"{k}={v}" for k, v in sorted({**extra, **limits}.items()))])
+    return params, limits, budget
 
 
 def stratified(test, limit: int, seed: int):
@@ -97,15 +120,31 @@ def stratified(test, limit: int, seed: int):
     return test.subset(np.sort(idx))
 
 
-def done_keys(path: Path) -> set[tuple]:
-    if not path.is_file():
-        return set()
-    return {(r["detector"], r["digit"], r["seed"], r["budget"]) for r in map(json.loads, path.read_text().splitlines())}
+@contextmanager
+def batch_statistics(net: nn.Module) -> Iterator[None]:
+    """Inside: every BatchNorm of `net` normalises with the statistics of the batch it is given (as in
+    training mode) and updates no running average; the running averages are back on exit."""
+    bns = [m for m in net.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))]
+    saved = [(m.running_mean, m.running_var) for m in bns]
+    for m in bns:  # without running averages an eval-mode BatchNorm uses the batch's statistics
+        m.running_mean = m.running_var = None
+    try:
+        yield
+    finally:
+        for m, (mean, var) in zip(bns, saved, strict=True):
+            m.running_mean, m.running_var = mean, var
 
 
-def append(path: Path, row: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+def scores_in_order(det, images: torch.Tensor, order: torch.Tensor, batch_stats: bool) -> np.ndarray:
+    """Scores of `images`, scored in batches of SCORE_BATCH taken in `order`; with `batch_stats`, the
+    generator's BatchNorms use each test batch's statistics (the official GANomaly code's test mode)."""
+    s = np.empty(len(images))
+    if batch_stats:
+        with batch_statistics(det.generator_):
+            s[order.numpy()] = det.score(images[order], batch_size=SCORE_BATCH).numpy()
+    else:
+        s[order.numpy()] = det.score(images[order], batch_size=SCORE_BATCH).numpy()
+    return s
 
 
 def official_protocol_scores(det, x_train, test, epochs: int) -> list[float]:
@@ -114,77 +153,38 @@ def official_protocol_scores(det, x_train, test, epochs: int) -> list[float]:
     from anomalab.metrics import image_auroc
 
     aurocs = []
+    in_order = torch.arange(len(test))
     for epoch in range(epochs):
         if epoch:
             det.train_more(x_train, epochs=1)
-        g = det.generator_
-        saved = {k: v.clone() for k, v in g.state_dict().items()}
-        g.train()
-        with torch.no_grad():
-            s = torch.cat([det._score_batch(prepare(test.images[i : i + 64], det.input_shape_))
-                           for i in range(0, len(test), 64)])
-        g.load_state_dict(saved)
-        aurocs.append(image_auroc(test.labels.numpy(), s.numpy()))
+        aurocs.append(image_auroc(test.labels.numpy(), scores_in_order(det, test.images, in_order, True)))
     return aurocs
 
 
 def bn_diagnostics(det, train, test) -> dict[str, float]:
     """GANomaly's AUROC under four BatchNorm treatments of the same fitted model (see --bn-diagnostics)."""
-    from anomalab.detectors._gan import to_signed
     from anomalab.metrics import image_auroc
 
-    g, labels = det.generator_, test.labels.numpy()
-    x = prepare(test.images, det.input_shape_)
+    labels = test.labels.numpy()
 
-    def auroc(train_mode: bool, order: torch.Tensor) -> float:
-        saved = {k: v.clone() for k, v in g.state_dict().items()}
-        g.train(train_mode)
-        s = torch.empty(len(x))
-        with torch.no_grad():
-            for i in range(0, len(x), 64):
-                s[order[i : i + 64]] = det._score_batch(x[order[i : i + 64]])
-        g.load_state_dict(saved)
-        g.eval()
-        return image_auroc(labels, s.numpy())
+    def auroc(batch_stats: bool, order: torch.Tensor) -> float:
+        return image_auroc(labels, scores_in_order(det, test.images, order, batch_stats))
 
-    in_order = torch.arange(len(x))  # the test set lists normals first, then anomalies (official order)
-    shuffled = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    in_order = torch.arange(len(test))  # the test set lists normals first, then anomalies (official order)
+    shuffled = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))
     out = {"eval_running_stats": auroc(False, in_order), "train_bn_label_sorted_batches": auroc(True, in_order),
            "train_bn_shuffled_batches": auroc(True, shuffled)}
-    det.recalibrate_bn(to_signed(prepare(train.images, det.input_shape_)))
+    det.recalibrate_bn(prepare(train.images, det.input_shape_) * 2 - 1)  # it takes images in [-1, 1]
     out["eval_after_bn_reestimation"] = auroc(False, in_order)
     return out
-
-
-def grid_figure(det, name: str, test, scores: np.ndarray, path: Path) -> None:
-    """Input / reconstruction / map of the 3 highest-scored anomalies, the 3 lowest-scored (missed)
-    anomalies and the 3 highest-scored normals (false alarms)."""
-    from anomalab.report.plots import image_grid
-
-    labels = test.labels.numpy()
-    bad, good = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
-    bad = bad[np.argsort(-scores[bad])]
-    good = good[np.argsort(-scores[good])]
-    pick = np.concatenate([bad[:3], bad[-3:], good[:3]])
-    x = test.images[pick]
-    if name == "anogan":
-        found = det.search(x)
-        rec, maps = found["reconstruction"], found["map"]
-    else:
-        rec, maps = det.reconstruct(x), det.score_map(x)
-    titles = [f"{t}\n{scores[i]:.3g}" for t, i in zip(["top anomaly"] * 3 + ["missed"] * 3 + ["false alarm"] * 3,
-                                                       pick)]
-    image_grid([("input", x), ("reconstruction", rec), ("|x - x_hat|", maps)], path, col_titles=titles,
-               title=f"{name}, anomaly digit {test.meta['anomaly_class']}", map_rows=("|x - x_hat|",))
 
 
 def run_cell(name: str, params: dict, limits: dict, train, test, args, out: Path, budget: str = "") -> dict:
     det = create(name, **params)
     det.progress = False
     steps: list[dict] = []
-    if hasattr(det, "_train_step"):  # per-step losses for the loss curves
-        step = det._train_step
-        det._train_step = lambda b: steps.append(step(b)) or steps[-1]
+    if isinstance(det, Trainable):  # per-step losses for the loss curves
+        det.on_step = steps.append
     if limits.get("train_limit"):
         rng = np.random.default_rng(train.meta["seed"])
         train = train.subset(np.sort(rng.choice(len(train), int(limits["train_limit"]), replace=False)))
@@ -220,142 +220,153 @@ def run_cell(name: str, params: dict, limits: dict, train, test, args, out: Path
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = out / "results.jsonl"
+    store = open_store(args.out, KEY)
     if not args.report_only:
-        sets = overrides(args.set)
-        data = load_mnist(args.mnist_root) if args.mnist_root else load_mnist()
         names = list(args.detectors) + ([] if args.no_baselines else [b for b in BASELINES if b in REGISTRY])
-        done = done_keys(results)
+        sets = detector_sets(args.set, names, extra=CellLimits)
+        # every setting checked (and its budget tag fixed) before any data is loaded or anything trained
+        plans = {name: plan(name, args.epochs if name in DETECTORS else None, sets.get(name, {})) for name in names}
+        data = load_mnist(args.mnist_root)
         for seed in args.seeds:
             for digit in args.digits:
                 train, test = one_class_split(data, digit, train_frac=0.8, seed=seed)
-                for name in names:
-                    extra = dict(sets.get(name, {}))
-                    limits = {k: extra.pop(k) for k in ("train_limit", "test_limit") if k in extra}
-                    budget = budget_of(name, args.epochs if name in DETECTORS else None, {**extra, **limits})
-                    if name in BASELINES:
-                        budget = " ".join(f"{k}={v}" for k, v in sorted(extra.items())) or "default"
-                    if (name, digit, seed, budget) in done:
+                for name, (extra, limits, budget) in plans.items():
+                    if (name, digit, seed, budget) in store:
                         continue
                     params = {**({"seed": seed} if name in DETECTORS else {}), **extra}
-                    if name in DETECTORS and args.epochs is not None:
-                        params["epochs"] = args.epochs
                     log.info("%s digit %d seed %d (%s)", name, digit, seed, budget)
-                    row = run_cell(name, params, limits, train, test, args, out, budget)
+                    row = run_cell(name, params, limits, train, test, args, args.out, budget)
                     row.update(detector=name, digit=digit, seed=seed, budget=budget,
                                data=test.meta.get("name"), threads=args.threads)
-                    append(results, row)
+                    store.add(row)
                     print(f"{name:14s} digit {digit} seed {seed} [{budget}]: AUROC {row['image_auroc']:.3f} "
                           f"(fit {row['fit_s']:.0f} s, score {row['score_s']:.0f} s)", flush=True)
-    return report(results, out)
+    return report(store, args.out)
 
 
+# ---- table -----------------------------------------------------------------------------------------
 def _groups(rows: list[dict]) -> dict[tuple[str, str], dict[int, list[dict]]]:
+    """(detector, budget) -> digit -> rows (one per seed), in detector order."""
     groups: dict[tuple[str, str], dict[int, list[dict]]] = {}
     for r in rows:
         groups.setdefault((r["detector"], r["budget"]), {}).setdefault(r["digit"], []).append(r)
-    return groups
+    return dict(sorted(groups.items(), key=lambda kv: ((DETECTORS + BASELINES).index(kv[0][0]), kv[0][1])))
 
 
 def _cell(rs: list[dict], key: str = "image_auroc") -> str:
-    v = np.array([r[key] for r in rs])
-    return f"{v.mean():.3f} ± {v.std():.3f} ({len(v)})" if len(v) > 1 else f"{v[0]:.3f} (1)"
+    return mean_std((r[key] for r in rs), count=True)
 
 
-def ganomaly_losses(row: dict, path: Path) -> None:
+def table_lines(rows: list[dict]) -> list[str]:
+    """results.md: AUROC per digit and budget (mean ± std over seeds, seeds in brackets), EGBAD's AUPRC,
+    timings, and the official-protocol and BatchNorm comparisons where stored."""
+    groups = _groups(rows)
+    digits = sorted({r["digit"] for r in rows})
+    body = [[digit, *(_cell(g[digit]) if digit in g else "" for g in groups.values()),
+             *(f"{REFERENCE[r][digit]:.3f}" if digit in REFERENCE[r] else "" for r in REFERENCE)] for digit in digits]
+    body.append(["mean", *(f"{np.mean([np.mean([r['image_auroc'] for r in rs]) for rs in g.values()]):.3f}"
+                           f" ({len(g)} digits)" for g in groups.values()), *[""] * len(REFERENCE)])
+    lines = ["# GAN detectors, MNIST one-class (image AUROC, mean ± std over seeds, seeds in brackets)", "",
+             "Last epoch, networks in eval mode, no test-set model selection. Budget per column header; "
+             "fit/score times are wall-clock seconds per cell (one torch thread, shared machine).", "",
+             *markdown_table(["anomaly digit", *(f"{d} [{b}]" for d, b in groups), *REFERENCE], body)]
+    egbad = [k for k in groups if k[0] == "egbad"]
+    if egbad:
+        lines += ["", "EGBAD AUPRC (anomalous digit = positive, its paper's metric):", "",
+                  *markdown_table(["anomaly digit", *(f"egbad [{b}]" for _, b in egbad)],
+                                  [[d, *(_cell(groups[k][d], "aupr") if d in groups[k] else "" for k in egbad)]
+                                   for d in digits])]
+    timing = []
+    for (d, b), g in groups.items():
+        rs = [r for v in g.values() for r in v]
+        timing.append([f"{d} [{b}]", len(rs), f"{np.mean([r['fit_s'] for r in rs]):.0f}",
+                       f"{np.mean([r['score_s'] for r in rs]):.1f}", rs[0]["n_test"]])
+    lines += ["", *markdown_table(["detector [budget]", "cells", "mean fit s", "mean score s", "test images"],
+                                  timing)]
+    official = [r for r in rows if "official_protocol_aurocs" in r]
+    if official:
+        lines += ["", "GANomaly under the official code's protocol (BatchNorm in train mode at test time, best "
+                  "epoch chosen on the test set: NOT a valid result, shown for comparison):", "",
+                  *markdown_table(["digit", "seed", "per-epoch AUROC", "best", "last (official protocol)"],
+                                  [[r["digit"], r["seed"], ", ".join(f"{v:.3f}" for v in a), f"{max(a):.3f}",
+                                    f"{a[-1]:.3f}"] for r in official for a in [r["official_protocol_aurocs"]]])]
+    diag = [r for r in rows if "bn_diagnostics" in r]
+    if diag:
+        keys = list(diag[0]["bn_diagnostics"])
+        lines += ["", "GANomaly AUROC of the same fitted model under four BatchNorm treatments:", "",
+                  *markdown_table(["digit", "seed", "budget", *keys],
+                                  [[r["digit"], r["seed"], r["budget"],
+                                    *(f"{r['bn_diagnostics'][k]:.3f}" for k in keys)] for r in diag])]
+    return lines
+
+
+def report(store, out: Path) -> dict:
+    """results.md and the figures, from the stored rows."""
+    rows = store.rows()
+    if not rows:
+        raise FileNotFoundError(f"no results yet at {store.path}")
+    print(write_table(out, table_lines(rows)))
+    auroc_bars(rows, out / "auroc_bars.png")
+    curves = [r for r in rows if r["detector"] == "ganomaly" and r.get("steps")]
+    if curves:
+        ganomaly_losses(max(curves, key=lambda r: (len(r["steps"]), -r["digit"])), out / "ganomaly_losses.png")
+    return {"rows": len(rows), "table": str(out / "results.md")}
+
+
+# ---- figures ---------------------------------------------------------------------------------------
+def auroc_bars(rows: list[dict], path: Path) -> Path:
+    """Per-digit AUROC bars (mean ± std over seeds), one budget per detector: the one with most digits."""
+    from anomalab.report.plots import bar_chart
+
+    groups = _groups(rows)
+    digits = sorted({r["digit"] for r in rows})
+    best: dict[str, str] = {}
+    for d, b in groups:
+        if d not in best or len(groups[(d, b)]) > len(groups[(d, best[d])]):
+            best[d] = b
+    per_digit = {d: groups[(d, b)] for d, b in best.items()}
+    series = {d: [np.mean([r["image_auroc"] for r in g[x]]) if x in g else np.nan for x in digits]
+              for d, g in per_digit.items()}
+    errors = {d: [np.std([r["image_auroc"] for r in g[x]]) if x in g else 0 for x in digits]
+              for d, g in per_digit.items()}
+    refs = {name: [vals.get(x, np.nan) for x in digits] for name, vals in REFERENCE.items() if "GANomaly" in name}
+    return bar_chart([str(x) for x in digits], series, path, errors=errors,
+                     title="MNIST one-class: image AUROC per anomaly digit", references=refs)
+
+
+def ganomaly_losses(row: dict, path: Path) -> Path:
     """GANomaly's logged losses against the training step (one panel per loss)."""
-    from anomalab.report.plots import _save, plt
-
     keys = ["loss_g", "adv", "con", "enc", "loss_d"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys), 2.6))
+    fig, axes = pyplot().subplots(1, len(keys), figsize=(3 * len(keys), 2.6))
     for ax, k in zip(axes, keys):
         ax.plot([s[k] for s in row["steps"]], lw=1)
         ax.set_title(k, fontsize=9)
         ax.set_xlabel("step")
     fig.suptitle(f"GANomaly training losses, anomaly digit {row['digit']}, seed {row['seed']} [{row['budget']}]",
                  fontsize=10, y=1.06)
-    _save(fig, path)
+    return save_figure(fig, path)
 
 
-def report(results: Path, out: Path) -> dict:
-    """results.md (mean ± std over seeds, number of seeds in brackets) and the figures, from the JSON lines."""
-    from anomalab.report.plots import bar_chart
+def grid_figure(det, name: str, test, scores: np.ndarray, path: Path) -> None:
+    """Input / reconstruction / map of the 3 highest-scored anomalies, the 3 lowest-scored (missed)
+    anomalies and the 3 highest-scored normals (false alarms)."""
+    from anomalab.report.plots import image_grid
 
-    if not results.is_file():
-        raise FileNotFoundError(f"no results yet at {results}")
-    rows, seen = [], set()
-    for r in map(json.loads, results.read_text().splitlines()):  # two runs sharing a file may repeat a cell
-        key = (r["detector"], r["digit"], r["seed"], r["budget"])
-        if key not in seen:
-            seen.add(key)
-            rows.append(r)
-    groups = _groups(rows)
-    order = sorted(groups, key=lambda k: ((DETECTORS + BASELINES).index(k[0]), k[1]))
-    digits = sorted({r["digit"] for r in rows})
-    lines = ["# GAN detectors, MNIST one-class (image AUROC, mean ± std over seeds, seeds in brackets)", "",
-             "Last epoch, networks in eval mode, no test-set model selection. Budget per column header; "
-             "fit/score times are wall-clock seconds per cell (one torch thread, shared machine).", ""]
-    header = ["anomaly digit"] + [f"{d} [{b}]" for d, b in order] + list(REFERENCE)
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for digit in digits:
-        cells = [str(digit)] + [_cell(groups[k][digit]) if digit in groups[k] else "" for k in order]
-        cells += [f"{REFERENCE[r][digit]:.3f}" if digit in REFERENCE[r] else "" for r in REFERENCE]
-        lines.append("| " + " | ".join(cells) + " |")
-    means = ["mean"] + [f"{np.mean([np.mean([r['image_auroc'] for r in rs]) for rs in groups[k].values()]):.3f}"
-                        f" ({len(groups[k])} digits)" for k in order] + [""] * len(REFERENCE)
-    lines.append("| " + " | ".join(means) + " |")
-    egbad = [k for k in order if k[0] == "egbad"]
-    if egbad:
-        lines += ["", "EGBAD AUPRC (anomalous digit = positive, its paper's metric):", "",
-                  "| anomaly digit | " + " | ".join(f"egbad [{b}]" for _, b in egbad) + " |",
-                  "|---|" + "---|" * len(egbad)]
-        for digit in digits:
-            lines.append(f"| {digit} | " + " | ".join(_cell(groups[k][digit], "aupr") if digit in groups[k] else ""
-                                                     for k in egbad) + " |")
-    timing = ["", "| detector [budget] | cells | mean fit s | mean score s | test images |", "|---|---|---|---|---|"]
-    for k in order:
-        rs = [r for v in groups[k].values() for r in v]
-        timing.append(f"| {k[0]} [{k[1]}] | {len(rs)} | {np.mean([r['fit_s'] for r in rs]):.0f} | "
-                      f"{np.mean([r['score_s'] for r in rs]):.1f} | {rs[0]['n_test']} |")
-    lines += timing
-    official = [r for r in rows if "official_protocol_aurocs" in r]
-    if official:
-        lines += ["", "GANomaly under the official code's protocol (BatchNorm in train mode at test time, best "
-                  "epoch chosen on the test set: NOT a valid result, shown for comparison):", "",
-                  "| digit | seed | per-epoch AUROC | best | last (official protocol) |", "|---|---|---|---|---|"]
-        for r in official:
-            a = r["official_protocol_aurocs"]
-            lines.append(f"| {r['digit']} | {r['seed']} | {', '.join(f'{v:.3f}' for v in a)} | {max(a):.3f} | "
-                         f"{a[-1]:.3f} |")
-    diag = [r for r in rows if "bn_diagnostics" in r]
-    if diag:
-        keys = list(diag[0]["bn_diagnostics"])
-        lines += ["", "GANomaly AUROC of the same fitted model under four BatchNorm treatments:", "",
-                  "| digit | seed | budget | " + " | ".join(keys) + " |", "|---|---|---|" + "---|" * len(keys)]
-        for r in diag:
-            lines.append(f"| {r['digit']} | {r['seed']} | {r['budget']} | "
-                         + " | ".join(f"{r['bn_diagnostics'][k]:.3f}" for k in keys) + " |")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    # Figures: per-digit AUROC bars (one budget per detector: the one with most cells), GANomaly losses.
-    best = {}
-    for d, b in order:
-        if d in DETECTORS + BASELINES and (d not in best or len(groups[(d, b)]) > len(groups[(d, best[d])])):
-            best[d] = b
-    series = {f"{d}": [np.mean([r["image_auroc"] for r in groups[(d, b)].get(g, [])]) if g in groups[(d, b)]
-                       else np.nan for g in digits] for d, b in best.items()}
-    errors = {f"{d}": [np.std([r["image_auroc"] for r in groups[(d, b)].get(g, [])]) if g in groups[(d, b)]
-                       else 0 for g in digits] for d, b in best.items()}
-    refs = {name: [vals.get(g, np.nan) for g in digits] for name, vals in REFERENCE.items() if "GANomaly" in name}
-    bar_chart([str(g) for g in digits], series, out / "auroc_bars.png", errors=errors,
-              title="MNIST one-class: image AUROC per anomaly digit", references=refs)
-    curves = [r for r in rows if r["detector"] == "ganomaly" and r.get("steps")]
-    if curves:
-        r = max(curves, key=lambda r: (len(r["steps"]), -r["digit"]))
-        ganomaly_losses(r, out / "ganomaly_losses.png")
-    print((out / "results.md").read_text())
-    return {"rows": len(rows), "table": str(out / "results.md")}
+    labels = test.labels.numpy()
+    bad, good = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    bad = bad[np.argsort(-scores[bad])]
+    good = good[np.argsort(-scores[good])]
+    pick = np.concatenate([bad[:3], bad[-3:], good[:3]])
+    x = test.images[pick]
+    if name == "anogan":
+        found = det.search(x)
+        rec, maps = found["reconstruction"], found["map"]
+    else:
+        rec, maps = det.reconstruct(x), det.score_map(x)
+    titles = [f"{t}\n{scores[i]:.3g}" for t, i in zip(["top anomaly"] * 3 + ["missed"] * 3 + ["false alarm"] * 3,
+                                                       pick)]
+    image_grid([("input", x), ("reconstruction", rec), ("|x - x_hat|", maps)], path, col_titles=titles,
+               title=f"{name}, anomaly digit {test.meta['anomaly_class']}", map_rows=("|x - x_hat|",))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Repair ability: a VAE with z = 64 "repairs" local defects of unseen digits (METHODS.md section 1).
+"""Repair ability: a VAE with z = 64 "repairs" local defects of unseen digits (docs/section1.md).
 
 Local defects (a smudge blob and a stray stroke) are drawn on unseen digits; the grid shows clean input,
 defective input, reconstruction and |input - reconstruction|. Measured: inside the defect mask, the
@@ -12,11 +12,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from anomalab.experiments import _section1 as s1
+from anomalab.experiments._common import conv28_model, conv28_parser, conv28_split, write_json
 from anomalab.report.plots import image_grid
 
-N_SHOW = 10
+# ---- settings --------------------------------------------------------------------------------------
+LATENT_DIM = 64  # the source's large-latent VAE
+N_SHOW = 10  # digits in the grids (one per class)
 
+
+# ---- run -------------------------------------------------------------------------------------------
 
 def add_local_defects(images: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A smudge (filled disc, radius 2-3 px) or a stray stroke (a 1-px line of 6-10 px) per digit."""
@@ -42,9 +46,9 @@ def add_local_defects(images: torch.Tensor, seed: int) -> tuple[torch.Tensor, to
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = s1.parser(__doc__.splitlines()[0], "vae_repair").parse_args(argv)
-    train, unseen = s1.split(args.mnist_root, args.seed)
-    det = s1.model("vae", 64, train, args)
+    args = conv28_parser("vae_repair", __doc__).parse_args(argv)
+    train, unseen = conv28_split(args.mnist_root, args.seed)
+    det = conv28_model("vae", LATENT_DIM, train, args)
     clean = unseen.images
     broken, masks = add_local_defects(clean, args.seed)
     recon = det.reconstruct(broken)
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
                "defect_error_before": inside_before, "defect_error_after": inside_after,
                "repair_ratio": inside_after / inside_before, "error_outside_defect": outside_after,
                "defect_pixels_error_for_clean_input": floor}
-    out = s1.Path(args.out)
+    out = args.out
     digits = unseen.classes.numpy()
     # one per digit, alternating the two defect kinds (even index: smudge, odd: stroke)
     idx = [int(np.flatnonzero(digits == d)[d % 2]) for d in np.unique(digits)][:N_SHOW]
@@ -70,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     natural = det.reconstruct(clean[idx])
     image_grid([("unseen input", clean[idx]), ("VAE z=64 output", natural)], out / "repair_natural.png",
                title="unseen digits and their z=64 reconstructions")
-    s1.write_results(out, results)
+    write_json(out, results)
     print(f"defect pixels: |input - clean| {inside_before:.3f} -> |output - clean| {inside_after:.3f} "
           f"(repair ratio {results['repair_ratio']:.3f}; {floor:.3f} when the clean digit goes in); "
           f"outside defects |output - clean| {outside_after:.3f}")

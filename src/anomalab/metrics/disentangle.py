@@ -1,6 +1,6 @@
 """FactorVAE disentanglement metric (Kim & Mnih 2018, "Disentangling by Factorising", section 4) in the
 variant of disentanglement_lib (Locatello et al. 2019), plus the added-factor correspondence of the
-beta-VAEGAN source (METHODS.md section 5).
+beta-VAEGAN write-up (docs/beta_vaegan.md).
 
 A vote: draw L factor vectors uniformly, give them all the same random value of one random factor k,
 render and encode them (encoder means), divide each latent dimension's variance over the L codes by

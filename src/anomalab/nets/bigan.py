@@ -1,4 +1,4 @@
-"""BiGAN nets of EGBAD's MNIST model (Zenati et al. 2018, official code; METHODS.md section 6).
+"""BiGAN nets of EGBAD's MNIST model (Zenati et al. 2018, official code; docs/detectors/egbad.md).
 
 Images (N, C, H, W) in [-1, 1] with H, W divisible by 4 (MNIST: 28x28x1); `h, w` below = H/4, W/4.
 - encoder E: conv32 3x3 s1 / conv64 3x3 s2 + BN / conv128 3x3 s2 + BN (LeakyReLU 0.1) / dense nz;

@@ -1,4 +1,5 @@
-"""The convolutional encoder/decoder of METHODS.md section 1 (seed 002), exact at 28x28x1.
+"""conv28: the convolutional encoder/decoder of the source's AE/VAE experiments on 28x28 MNIST
+(docs/detectors/conv_ae_vae.md, docs/section1.md), exact at 28x28x1.
 
 Every convolution has bias=False, as in the source. The source does not show the decoder's output
 activation nor the bias of the VAE's two heads: sigmoid and bias=False are our choices.

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor, nn
 
 
@@ -88,10 +87,3 @@ class DCDiscriminator(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         f = self.features(x)
         return self.head(f).reshape(len(x)), f
-
-
-def reinit_(net: nn.Module, seed: int | None = None) -> None:
-    """Re-draw a net's weights with `dcgan_init` (GANomaly re-initialises a collapsed D this way)."""
-    if seed is not None:
-        torch.manual_seed(seed)
-    net.apply(dcgan_init)

@@ -9,6 +9,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from anomalab.errors import RunFolderError
+
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}
@@ -57,7 +59,7 @@ def write_report(runs: Sequence[str | Path], out: str | Path, title: str = "anom
     runs = [Path(r) for r in runs]
     for r in runs:
         if not r.is_dir():
-            raise FileNotFoundError(f"run folder not found: {r}")
+            raise RunFolderError(f"run folder not found: {r}")
     rows = [run_summary(r) for r in runs]
     metric_cols = [c for c in ("image_auroc", "aupr", "pixel_auroc", "aupro", "fpr_at_threshold",
                                "tpr_at_threshold") if any(c in row for row in rows)]
@@ -83,7 +85,6 @@ def write_report(runs: Sequence[str | Path], out: str | Path, title: str = "anom
         parts.extend(_figure(p) for p in sorted(run.glob("*.png")))
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page)
-    return out
+    from anomalab.runs.atomic import write_file_atomic
+
+    return write_file_atomic(out, page)

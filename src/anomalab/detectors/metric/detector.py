@@ -1,4 +1,4 @@
-"""Deep metric learning for defect detection (METHODS.md section 4; the "AnomalyTwin" write-up).
+"""Deep metric learning for defect detection (the "AnomalyTwin" write-up; docs/detectors/metric.md).
 
 A pretrained backbone (EfficientNet-Lite0 here; ResNet-18 in the source) plus a linear embedding is trained
 as a classifier with a metric-learning head (heads.py). For scoring the head is dropped: every normal
@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from anomalab.data.transforms import check_images, prepare, resize_maps
 from anomalab.detector import BaseDetector
 from anomalab.detectors.metric.heads import make_head
+from anomalab.errors import ParameterError
 from anomalab.generate.defects import DEFECTS, TEST_DEFECTS
 from anomalab.nets.effnet_lite0 import LEVELS, make_backbone
 from anomalab.train.loop import run_epochs, seed_everything
@@ -124,7 +125,7 @@ class Metric(BaseDetector):
                                self.scale)
         n_blocks = len(self.backbone_._blocks)
         if not 0 <= int(self.train_blocks) <= n_blocks:
-            raise ValueError(f"train_blocks must be in 0..{n_blocks}, got {self.train_blocks}")
+            raise ParameterError(f"train_blocks must be in 0..{n_blocks}, got {self.train_blocks}")
         self.first_trained_ = n_blocks - int(self.train_blocks)
         self.backbone_.requires_grad_(False)
         for block in self.backbone_._blocks[self.first_trained_ :]:
@@ -161,15 +162,15 @@ class Metric(BaseDetector):
     # ---- fit ------------------------------------------------------------------------------------
     def _num_classes(self, train: ImageSet) -> int:
         if self.mode not in MODES:
-            raise ValueError(f"unknown mode '{self.mode}'; known: {', '.join(MODES)}")
+            raise ParameterError(f"unknown mode '{self.mode}'; known: {', '.join(MODES)}")
         if self.mode == "multiclass":
             if train.classes is None or len(train.classes.unique()) < 2:
-                raise ValueError("mode 'multiclass' needs train.classes with at least 2 classes "
+                raise ParameterError("mode 'multiclass' needs train.classes with at least 2 classes "
                                  "(e.g. the good images of several categories)")
             return int(len(train.classes.unique()))
         if self.mode == "binary":
             if train.labels is None or set(train.labels.unique().tolist()) != {0, 1}:
-                raise ValueError("mode 'binary' needs train.labels with good (0) and defect (1) images")
+                raise ParameterError("mode 'binary' needs train.labels with good (0) and defect (1) images")
         return 2
 
     def fit(self, train: ImageSet | Tensor) -> Metric:
@@ -180,9 +181,9 @@ class Metric(BaseDetector):
         if self.mode == "tuned_twin":
             unknown = [d for d in self.tuned_defects if d not in DEFECTS]
             if unknown:
-                raise ValueError(f"unknown tuned_defects {unknown}; known: {', '.join(DEFECTS)}")
+                raise ParameterError(f"unknown tuned_defects {unknown}; known: {', '.join(DEFECTS)}")
         if int(self.cam_level) not in LEVELS[1:]:
-            raise ValueError(f"cam_level must be in 2..9, got {self.cam_level}")
+            raise ParameterError(f"cam_level must be in 2..9, got {self.cam_level}")
         self.num_classes_ = self._num_classes(train)
         return super().fit(train)
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 HEADS = ("softmax", "l2_softmax", "arcface", "cosface", "sphereface", "center")
 
-# AnomalyTwin reference settings (METHODS.md section 6)
+# AnomalyTwin reference settings (docs/detectors/metric.md)
 ARCFACE_MARGIN_RAD = 0.5  # m, radians (converted to degrees for pytorch-metric-learning)
 COSFACE_MARGIN = 0.4  # m, subtracted from the target cosine
 SPHEREFACE_MARGIN = 4  # m, the target angle is multiplied by m

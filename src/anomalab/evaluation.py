@@ -1,4 +1,5 @@
-"""evaluate(detector, test) -> Evaluation: scores, metrics and timings of a fitted detector."""
+"""evaluate(detector, test) -> Evaluation: scores, metrics and timings of a fitted detector (`anomalab.evaluate`;
+the module is `evaluation` so that the name `anomalab.evaluate` stays the function)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import time
 
 import numpy as np
 
+from anomalab.errors import ParameterError
 from anomalab.metrics import aupr, aupro, image_auroc, pixel_auroc
 from anomalab.types import Evaluation, ImageSet
 
@@ -22,11 +24,12 @@ def evaluate(detector, test: ImageSet, normalize: str | None = None, maps: bool 
              dataset: str | None = None) -> Evaluation:
     """Score `test` with a fitted detector and compute every metric its labels and masks allow.
 
-    normalize: None (raw scores) or "minmax" (papers' test-set min-max scaling; metrics unchanged).
+    normalize: None (raw scores) or "minmax" (papers' test-set min-max scaling: AUROC/AUPR and pixel
+        metrics unchanged; FPR/TPR at the threshold are left out, the threshold being on the raw scale).
     maps: compute anomaly maps (default: when the test set has masks and the detector has maps).
     """
     if normalize not in (None, "minmax"):
-        raise ValueError(f"normalize must be None or 'minmax', got {normalize!r}")
+        raise ParameterError(f"normalize must be None or 'minmax', got {normalize!r}")
     if test.labels is None:
         raise ValueError("evaluate needs a test set with labels (0 normal / 1 anomalous)")
     t0 = time.perf_counter()

@@ -1,5 +1,5 @@
-"""beta-VAEGAN student with knowledge distillation (METHODS.md section 5, seed 000; beta-VAEGAN of
-Lueer et al. 2023, conditional filtered GAN of Kaneko et al. 2017).
+"""beta-VAEGAN student with knowledge distillation (Akita & Taguchi; beta-VAEGAN of Lueer et al. 2023,
+conditional filtered GAN of Kaneko et al. 2017; docs/beta_vaegan.md).
 
 A frozen beta-VAE teacher E_t (latent k) keeps the old factors; the student encoder E_s has k + a
 dims (a "added" dims for the new factor), the decoder G reads all k + a, and the discriminator
@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from anomalab.data.dsprites import WhiteDSprites
-from anomalab.detectors.beta_vaegan._base import LatentModel
-from anomalab.detectors.beta_vaegan.losses import (
+from anomalab.generate.beta_vaegan._base import LatentModel
+from anomalab.generate.beta_vaegan.losses import (
     bernoulli_nll,
     discriminator_loss,
     feature_reconstruction,
@@ -39,8 +39,8 @@ from anomalab.detectors.beta_vaegan.losses import (
     kl_to_standard_normal,
     prior_codes,
 )
-from anomalab.detectors.beta_vaegan.nets import Decoder64, Discriminator64, Encoder64
-from anomalab.detectors.beta_vaegan.teacher import BetaVAE
+from anomalab.generate.beta_vaegan.nets import Decoder64, Discriminator64, Encoder64
+from anomalab.generate.beta_vaegan.teacher import BetaVAE
 from anomalab.types import ImageSet
 
 

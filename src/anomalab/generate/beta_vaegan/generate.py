@@ -9,8 +9,8 @@ import numpy as np
 from PIL import Image
 
 from anomalab.data.folder import load_folder
-from anomalab.detectors.beta_vaegan._base import META_FILE
-from anomalab.detectors.beta_vaegan.model import BetaVAEGAN
+from anomalab.generate.beta_vaegan._base import META_FILE
+from anomalab.generate.beta_vaegan.model import BetaVAEGAN
 
 MODEL_DIRS = ("", "model", "student_g1_s0")  # where a run folder may hold the saved student
 
@@ -23,6 +23,15 @@ def load_generator(run_dir: str | Path) -> BetaVAEGAN:
             return BetaVAEGAN.load(run_dir / sub)
     raise FileNotFoundError(f"no saved beta_vaegan model in {run_dir} (expected {META_FILE} and "
                             "weights.safetensors there or in model/)")
+
+
+def output_names(names: list[str]) -> list[str]:
+    """One distinct PNG name per input: `<stem>.png`, or `<file name>.png` where two inputs share a stem
+    (a.png and a.jpg -> a.png.png and a.jpg.png), so no output overwrites another."""
+    files = [Path(n).name for n in names]
+    stems = [Path(f).stem for f in files]
+    shared = {s for s in stems if stems.count(s) > 1}
+    return [f"{f}.png" if s in shared else f"{s}.png" for f, s in zip(files, stems)]
 
 
 def generate_folder(run_dir: str | Path, images: str | Path, degree: float, out: str | Path
@@ -39,8 +48,8 @@ def generate_folder(run_dir: str | Path, images: str | Path, degree: float, out:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, img in zip(data.names, fakes):
-        path = out / f"{Path(name).stem}.png"
+    for name, img in zip(output_names(data.names), fakes):
+        path = out / name
         Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
         paths.append(path)
     return paths, own

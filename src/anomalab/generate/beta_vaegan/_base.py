@@ -10,10 +10,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from anomalab import __version__
+from anomalab._version import __version__
 from anomalab.data.transforms import check_images, prepare
 from anomalab.detector import (
     FORMAT_VERSION,
@@ -24,13 +24,18 @@ from anomalab.detector import (
     load_nets_state,
     nets_state,
     read_meta,
+    read_tensors,
+    write_saved_folder,
 )
+from anomalab.errors import ParameterError
+from anomalab.params import validate
 from anomalab.train.loop import run_epochs
 
 META_FILE = "model.json"  # beside weights.safetensors; checked like detector.json (format, version)
 # the optimisers' state (Adam moments and step counts), so that training resumed from a saved folder in a new
 # process continues exactly as an uncut run would (without it Adam restarts from zero moments)
 OPTIMIZER_FILE = "optimizer.safetensors"
+MODEL_KEYS = ("format_version", "anomalab_version", "name", "params", "steps_done", "history")
 
 
 class DrawnBatches:
@@ -52,12 +57,27 @@ class DrawnBatches:
 
 class LatentModel(Params):
     """Base of BetaVAE and BetaVAEGAN. Subclasses set `name`, `channels`, build `encoder_` (and more)
-    in `_build()`, list them in `_nets()`, and implement `_train_step(batch)` and `_draw(rng)`."""
+    and their optimisers in `_build()`, list the nets in `_nets()`, and implement `_train_step(batch)`
+    and `_draw(rng)`.
+
+    Training differs from the detectors' `train_more(x, epochs, ...)` (`anomalab.train.epochs`) on
+    purpose: the data are rendered on demand from generative factors (dSprites), never a tensor of
+    images, and a run is measured in optimiser steps (an epoch of dSprites is 11,520 steps); so
+    `train_more(steps)` takes steps, and its data stream is a function of seed and steps done, which
+    makes a run resumable from a saved folder (the optimisers' moments are saved too)."""
 
     name: ClassVar[str] = ""
     channels: ClassVar[int] = 1
     log_every: ClassVar[int] = 100
+    # the attributes `_build` stores optimisers in, in this order (the key prefixes of OPTIMIZER_FILE);
+    # a model saves and restores those it has
+    optimizer_attrs: ClassVar[tuple[str, ...]] = ("optimizer_", "optimizer_d_")
     progress: bool = True
+
+    @property
+    def optimizers_(self) -> dict[str, torch.optim.Optimizer]:
+        """attribute name -> optimiser, for each of `optimizer_attrs` this model has."""
+        return {a: getattr(self, a) for a in self.optimizer_attrs if getattr(self, a, None) is not None}
 
     @property
     def beta_now(self) -> float:
@@ -155,21 +175,18 @@ class LatentModel(Params):
         return self.decode(z)
 
     # ---- save / load ---------------------------------------------------------------------------
-    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {k: v for k, v in vars(self).items() if isinstance(v, torch.optim.Optimizer)}
-
     def _optimizer_state(self) -> dict[str, Tensor]:
         """The optimisers' per-parameter state as flat tensors '{optimizer}.{param index}.{key}'
         (hyper-parameters are rebuilt from the model's params, so only the tensors are kept)."""
         flat = {}
-        for name, opt in self._optimizers().items():
+        for name, opt in self.optimizers_.items():
             for pid, state in opt.state_dict()["state"].items():
                 for key, value in state.items():
                     flat[f"{name}.{pid}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
         return flat
 
     def _load_optimizer_state(self, flat: dict[str, Tensor]) -> None:
-        for name, opt in self._optimizers().items():
+        for name, opt in self.optimizers_.items():
             sd = opt.state_dict()
             state: dict[int, dict[str, Tensor]] = {}
             for k, value in flat.items():
@@ -181,35 +198,71 @@ class LatentModel(Params):
 
     def save(self, path: str | Path) -> None:
         """Write `path/weights.safetensors`, `path/optimizer.safetensors` (to resume training) and
-        `path/model.json`."""
+        `path/model.json` as one folder, atomically (see `anomalab.detector.write_saved_folder`): `path`
+        holds the old model or the new one, never a mix; other files of an earlier saved model there are
+        kept, and a folder that holds files but no model.json is refused with a RunFolderError."""
         self._check_fitted()
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save_file(nets_state(self._nets()), str(path / WEIGHTS_FILE))
-        optimizer_state = self._optimizer_state()
-        if optimizer_state:
-            save_file(optimizer_state, str(path / OPTIMIZER_FILE))
-        else:  # not trained yet: no moments, and none left over from a model saved here before
-            (path / OPTIMIZER_FILE).unlink(missing_ok=True)
+        weights = nets_state(self._nets())
+        optimizer_state = self._optimizer_state()  # empty when not trained yet: no file then
         meta = {"format_version": FORMAT_VERSION, "anomalab_version": __version__, "name": self.name,
                 "params": self.get_params(), "steps_done": self.steps_done_, "history": self.history_}
-        (path / META_FILE).write_text(json.dumps(meta, indent=1))
+        text = json.dumps(meta, indent=1)
+
+        def write(folder: Path) -> None:
+            save_file(weights, str(folder / WEIGHTS_FILE))
+            if optimizer_state:
+                save_file(optimizer_state, str(folder / OPTIMIZER_FILE))
+            (folder / META_FILE).write_text(text)
+
+        write_saved_folder(path, META_FILE, write, own=(WEIGHTS_FILE, OPTIMIZER_FILE, META_FILE), what="model")
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None) -> LatentModel:
+        """The model saved in `path` (on `device` if given). Like a detector's load, every file is checked
+        first; each problem is a one-line LoadError naming the file."""
         path = Path(path)
-        meta = read_meta(path, META_FILE)
-        if meta.get("name") != cls.name:
-            raise LoadError(f"{path} holds a '{meta.get('name')}' model, not '{cls.name}'")
+        meta = read_meta(path, META_FILE, keys=MODEL_KEYS)
+        meta_file, weights_file, optimizer_file = path / META_FILE, path / WEIGHTS_FILE, path / OPTIMIZER_FILE
+        if meta["name"] != cls.name:
+            raise LoadError(f"{path} holds a '{meta['name']}' model, not '{cls.name}'")
         params = dict(meta["params"])
         if device is not None:
             params["device"] = device
+        try:
+            params = validate(cls, params, owner=cls.name)
+        except ParameterError as e:
+            raise LoadError(f"{meta_file}: {e}") from None
+        steps = meta.get("steps_done", 0)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise LoadError(f"{meta_file}: steps_done must be an integer >= 0, got {steps!r}")
+        history = meta.get("history", [])
+        if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+            raise LoadError(f"{meta_file}: history must be a list of JSON objects")
+        weights = read_tensors(weights_file)
+        optimizer_state = read_tensors(optimizer_file) if optimizer_file.is_file() else None
         model = cls(**params)
         model._start()
-        load_nets_state(model._nets(), load_file(str(path / WEIGHTS_FILE)), model.device_,
-                        f"{path / WEIGHTS_FILE} ({cls.name})")
-        model.steps_done_ = int(meta.get("steps_done", 0))
-        model.history_ = list(meta.get("history", []))
-        if (path / OPTIMIZER_FILE).is_file():  # folders saved before it existed resume with fresh moments
-            model._load_optimizer_state(load_file(str(path / OPTIMIZER_FILE)))
+        nets = model._nets()
+        stray = sorted(k for k in weights if not any(k.startswith(f"{n}.") for n in nets))
+        if stray:
+            raise LoadError(f"{weights_file}: unexpected tensor(s) for {cls.name}: {', '.join(stray[:3])}")
+        try:
+            load_nets_state(nets, weights, model.device_, f"{weights_file} ({cls.name})")
+        except LoadError:
+            raise
+        except RuntimeError as e:  # shapes that do not fit the networks built from the params
+            reason = str(e).strip().splitlines()[-1].strip()
+            raise LoadError(f"{weights_file}: weights do not fit {cls.name}: {reason}") from None
+        model.steps_done_ = steps
+        model.history_ = list(history)
+        if optimizer_state is not None:  # folders saved before it existed resume with fresh moments
+            owners = {k for k, v in vars(model).items() if isinstance(v, torch.optim.Optimizer)}
+            bad = sorted(k for k in optimizer_state
+                         if k.count(".") < 2 or k.split(".")[0] not in owners or not k.split(".")[1].isdigit())
+            if bad:
+                raise LoadError(f"{optimizer_file}: unexpected tensor(s) for {cls.name}: {', '.join(bad[:3])}")
+            try:
+                model._load_optimizer_state(optimizer_state)
+            except (ValueError, KeyError, IndexError, RuntimeError) as e:
+                raise LoadError(f"{optimizer_file}: optimiser state does not fit {cls.name}: {e}") from None
         return model

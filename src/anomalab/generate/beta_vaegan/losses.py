@@ -1,4 +1,4 @@
-"""Losses of the beta-VAE teacher and the beta-VAEGAN student (METHODS.md section 5, seed 000, eq. 1-5).
+"""Losses of the beta-VAE teacher and the beta-VAEGAN student (Akita & Taguchi, eq. 1-5; docs/beta_vaegan.md).
 
 Every function returns per-image values (N,) unless it says otherwise; the model averages over the batch.
 Posteriors are diagonal Gaussians given as (mean, logvar).

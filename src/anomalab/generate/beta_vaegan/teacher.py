@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 
 from anomalab.data.dsprites import DSprites
-from anomalab.detectors.beta_vaegan._base import LatentModel
-from anomalab.detectors.beta_vaegan.losses import bernoulli_nll, kl_to_standard_normal
-from anomalab.detectors.beta_vaegan.nets import Decoder64, Encoder64
+from anomalab.generate.beta_vaegan._base import LatentModel
+from anomalab.generate.beta_vaegan.losses import bernoulli_nll, kl_to_standard_normal
+from anomalab.generate.beta_vaegan.nets import Decoder64, Encoder64
 
 
 class BetaVAE(LatentModel):
@@ -48,8 +48,14 @@ class BetaVAE(LatentModel):
     def fit(self, data: DSprites | None = None, steps: int | None = None) -> BetaVAE:
         """Train from scratch on uniformly drawn images of `data` (default: dSprites)."""
         self.data_ = data or DSprites()
-        self._start()
+        self.start()
         self.train_more(self.steps if steps is None else steps)
+        return self
+
+    def start(self) -> BetaVAE:
+        """Fresh networks and optimiser (seeded with `seed`), no step trained; `train_more(n)` then trains
+        from step 0 and `save` writes a folder that `load` resumes from. Returns self."""
+        self._start()
         return self
 
     def _draw(self, rng: np.random.Generator) -> Tensor:
