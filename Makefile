@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+# headless Chromium for tests/test_report_browser.py (skipped without it): Debian package, root only
+	command -v chromium >/dev/null || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)) || true
 	touch $(STAMP)
 
 demo: $(STAMP)

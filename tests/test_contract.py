@@ -21,6 +21,8 @@ CONTRACT_PARAMS: dict[str, dict] = {
     "skip_ganomaly": dict(width=8, epochs=10, batch_size=8, lr=2e-3),
     "gaussian": dict(image_size=64),
     "metric": dict(image_size=32, embedding_dim=16, train_blocks=2, epochs=3, batch_size=16),
+    "patchcore": dict(image_size=64),
+    "padim": dict(image_size=64),
 }
 AUROC_FLOOR = 0.8  # the anomalies are a bright square plus noise: any working detector separates them
 

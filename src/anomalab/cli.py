@@ -23,6 +23,7 @@ import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import click  # noqa: E402
+from click.core import ParameterSource  # noqa: E402
 
 from anomalab.errors import UserError  # noqa: E402
 
@@ -56,6 +57,21 @@ def _command_line() -> str:
     return "anomalab " + " ".join(sys.argv[1:])
 
 
+def _echo_calibration(run: Path) -> None:
+    """What the run's threshold rests on, and its calibration warnings (on stderr)."""
+    from anomalab.thresholds import read_calibration
+
+    record = read_calibration(run)
+    if record is None:
+        return
+    pixel = record["threshold"].get("pixel_value")
+    click.echo(f"threshold: {record['how']}" + (f"; pixel threshold {pixel:.5g}" if pixel is not None else ""))
+    for note in record.get("notes", []):
+        click.echo(f"note: {note}", err=True)
+    for warning in record.get("warnings", []):
+        click.echo(f"warning: {warning}", err=True)
+
+
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads (default: torch's choice).")
 @click.option("-v", "--verbose", is_flag=True, help="log more; show the traceback of a bug.")
@@ -66,6 +82,8 @@ def main(ctx, threads: int | None, verbose: bool) -> None:
     ctx.obj = {"verbose": verbose}
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
+    for name in ("anomalab.progress", "anomalab.train.epochs"):  # progress lines off a terminal; longer training
+        logging.getLogger(name).setLevel(logging.INFO)
     if threads:
         import torch
 
@@ -75,20 +93,43 @@ def main(ctx, threads: int | None, verbose: bool) -> None:
 @main.command("list")
 def list_cmd() -> None:
     """List the detectors and their parameters (defaults)."""
-    import inspect
-
-    from anomalab.registry import detector_class, list_detectors
+    from anomalab.registry import describe, list_detectors
 
     for name in list_detectors():
-        cls = detector_class(name)
-        sig = inspect.signature(cls.__init__)
-        params = ", ".join(f"{p}={v.default!r}" for p, v in sig.parameters.items() if p != "self")
-        doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+        doc, defaults = describe(name)  # read from the source: nothing is imported
+        params = ", ".join(f"{p}={v!r}" for p, v in defaults.items())
         click.echo(f"{name:15s} {doc}\n{'':15s} {params}")
 
 
+def recommendation() -> str:
+    """Which detector to start with, by kind of image (what `anomalab fit` without DETECTOR prints)."""
+    from anomalab.registry import REGISTRY
+
+    lines = ["Which detector? Start with the one for your kind of images (`anomalab list` shows them all):",
+             "  photos of parts, surfaces or textures (gray or colour, any size):",
+             "    gaussian    pretrained ImageNet features and one Gaussian: nothing is trained, a few minutes on a "
+             "CPU, anomaly maps"]
+    if "patchcore" in REGISTRY:
+        lines.append("    patchcore   pretrained patch features and nearest neighbours in a bank of normal patches")
+    lines += ["  digit-like images (small, centred, gray, such as MNIST digits or dSprites shapes):",
+              "    vae         a small convolutional VAE trained on your images (at least 500 optimisation steps)",
+              "    knn         nearest neighbours on raw pixels: the baseline any detector should beat",
+              "e.g. anomalab fit gaussian --data DIR --out runs/first"]
+    return "\n".join(lines)
+
+
+def _detector_or_recommendation(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """`anomalab fit` without DETECTOR: print the recommendation, a one-line hint, exit 2 (before the other
+    arguments are checked)."""
+    if value is None and not ctx.resilient_parsing:
+        click.echo(recommendation())
+        click.echo("error: name a DETECTOR, e.g. anomalab fit gaussian --data DIR --out RUN_DIR", err=True)
+        ctx.exit(2)
+    return value
+
+
 @main.command()
-@click.argument("detector")
+@click.argument("detector", required=False, callback=_detector_or_recommendation)
 @click.argument("params", nargs=-1)
 @click.option("--data", "data", required=True,
               help="data spec: mnist:anomaly=0, textures:brick, or a folder.")
@@ -97,6 +138,10 @@ def list_cmd() -> None:
               help="threshold: FPR allowed on held-out normals, in [0, 1).")
 @click.option("--calib-frac", default=0.1, show_default=True, type=float,
               help="share of normal training images held out to fit the threshold, in [0, 1).")
+@click.option("--calib-folds", "calib_folds", default=None, type=click.IntRange(min=0),
+              help="cross-fitting: K folds, each training image scored for the threshold by a detector fitted "
+                   "without it (the saved detector is fitted on all); 0 = hold out --calib-frac instead. Default: "
+                   "5 folds for knn, pca, gaussian, patchcore, padim on fewer than 200 images, else the hold-out.")
 @click.option("--overwrite", is_flag=True, help="replace an existing run folder (only a run folder; only once the "
                                                 "new run has succeeded).")
 @click.option("--no-figures", is_flag=True, help="skip PNG figures.")
@@ -105,13 +150,15 @@ def list_cmd() -> None:
                    "and write --out as a new run (this run is only read). See docs/continual.md.")
 @click.option("--strategy", type=click.Choice(["finetune", "replay", "ewc", "joint"]), default=None,
               help="with --continue-from: how to keep earlier tasks (default: the old run's, else replay).")
-def fit(detector, params, data, out, max_fpr, calib_frac, overwrite, no_figures, continue_from, strategy) -> None:
+def fit(detector, params, data, out, max_fpr, calib_frac, calib_folds, overwrite, no_figures, continue_from,
+        strategy) -> None:
     """Fit DETECTOR on the normal images of --data and write a run folder.
 
     PARAMS are detector parameters as key=value, e.g. `anomalab fit vae --data mnist:anomaly=0
     --out runs/vae0 epochs=10 latent_dim=32`. With --continue-from, PARAMS may set epochs, lr,
     batch_size and the strategy's parameters (e.g. ewc_lambda=0.01). Every value is checked before
     anything is read or written; the run folder appears only when the whole run has succeeded.
+    Without DETECTOR, prints which detector suits which images.
     """
     from anomalab.errors import ParameterError
     from anomalab.params import parse_items
@@ -120,15 +167,24 @@ def fit(detector, params, data, out, max_fpr, calib_frac, overwrite, no_figures,
     values = parse_items(params, what="detector parameter")
     if strategy and not continue_from:
         raise ParameterError("--strategy needs --continue-from RUN_DIR (the run to update)")
+    frac_given = click.get_current_context().get_parameter_source("calib_frac") == ParameterSource.COMMANDLINE
+    if calib_folds is not None and calib_folds >= 2 and (frac_given or continue_from):
+        raise ParameterError("--calib-folds cross-fits the threshold on every training image; give it without "
+                             + ("--continue-from (an update holds out --calib-frac)" if continue_from
+                                else "--calib-frac"))
+    if calib_folds is None and frac_given:
+        calib_folds = 0  # the hold-out share asked for
     if continue_from:
         det, ev, run = continue_run(detector, values, data, out, continue_from, strategy, max_fpr=max_fpr,
                                     calib_frac=calib_frac, overwrite=overwrite, command=_command_line(),
                                     figures=not no_figures)
     else:
         det, ev, run = fit_run(detector, values, data, out, max_fpr=max_fpr, calib_frac=calib_frac,
-                               overwrite=overwrite, command=_command_line(), figures=not no_figures)
+                               calib_folds=calib_folds, overwrite=overwrite, command=_command_line(),
+                               figures=not no_figures)
     click.echo(f"fitted {detector} -> {run}/detector "
                f"(threshold {det.threshold_.value:.5g} at max FPR {max_fpr})")
+    _echo_calibration(run)
     if ev is not None:
         click.echo("metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in ev.metrics.items()))
     click.echo(f"report: {run / 'report.html'}")
@@ -164,6 +220,71 @@ def score(run_dir, images, fmt, out, strict, shard, overwrite) -> None:
         write_file_atomic(out, text)
     else:
         click.echo(text, nl=False)
+
+
+@main.command("predict")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("images", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="folder to write (new; or one predict wrote, with --overwrite).")
+@click.option("--format", "fmt", type=click.Choice(["png", "jpg"]), default="png", show_default=True,
+              help="overlay image format (masks are always PNG).")
+@click.option("--overwrite", is_flag=True, help="replace a folder predict wrote before (never another).")
+@click.option("--strict", is_flag=True, help="fail on an unreadable file instead of skipping it.")
+@click.option("--shard", default=None, metavar="K/N",
+              help="predict only every N-th file starting at K (0-based); the N outputs never share a file name.")
+def predict_cmd(run_dir, images, out, fmt, overwrite, strict, shard) -> None:
+    """Verdicts a person can see for IMAGES (files or folders) with the detector saved in RUN_DIR.
+
+    Writes to --out: predictions.csv (name, path, score, verdict, threshold; scores as `anomalab score`
+    gives them), per image an overlay of its anomaly map on the run's threshold-anchored colour scale and a
+    defect mask (map above the pixel threshold), and index.html, a gallery sorted by score and filterable by
+    verdict. Streams any number of files; the folder appears only when complete."""
+    from anomalab.predict import predict
+
+    summary = predict(run_dir, images, out, fmt=fmt, overwrite=overwrite, strict=strict, shard=shard)
+    for note in summary["notes"]:
+        click.echo(f"note: {note}", err=True)
+    skipped = f", {summary['n_skipped']} unreadable skipped" if summary["n_skipped"] else ""
+    click.echo(f"predicted {summary['n_images']} images: {summary['n_anomalous']} anomalous (score above "
+               f"{summary['threshold']['value']:.5g}){skipped} -> {out}")
+    click.echo(f"gallery: {Path(out) / 'index.html'}")
+
+
+@main.command("threshold")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--max-fpr", type=float, default=None,
+              help="re-pick at this false-positive rate from the run's kept normal scores (or from --normal).")
+@click.option("--normal", multiple=True, type=click.Path(exists=True),
+              help="normal images (a folder or files; repeatable) to score and pick from, at --max-fpr (default: "
+                   "the current rate); they become the run's kept normal scores.")
+@click.option("--value", type=float, default=None, help="set the image threshold by hand.")
+@click.option("--pixel-value", type=float, default=None,
+              help="set the pixel threshold (masks: map above it) by hand.")
+def threshold_cmd(run_dir, max_fpr, normal, value, pixel_value) -> None:
+    """Re-pick the thresholds of the run in RUN_DIR without refitting.
+
+    The detector, its weights and all scores stay as they are; the new threshold and how it was set
+    (method, the number of normal scores it rests on, date) are written to detector/detector.json and
+    calibration.json (the old one kept in its history), the test-set verdicts of evaluation.json and
+    report.html follow it. Figures keep the threshold of the fit."""
+    from anomalab.thresholds import retune
+
+    result = retune(run_dir, max_fpr=max_fpr, normal=list(normal) or None, value=value, pixel_value=pixel_value)
+    new, old = result["threshold"], result["previous"]
+    was = f" (was {old.value:.5g})" if old is not None else ""
+    click.echo(f"threshold {new.value:.5g}{was}: {result['record']['how']}")
+    if new.pixel_value is not None or (old is not None and old.pixel_value is not None):
+        before = f" (was {old.pixel_value:.5g})" if old is not None and old.pixel_value is not None else ""
+        now = "none" if new.pixel_value is None else f"{new.pixel_value:.5g}"
+        click.echo(f"pixel threshold {now}{before}")
+    metrics = result["metrics"]
+    if metrics:
+        click.echo("test set at the new threshold: " + ", ".join(
+            f"{'false' if k.startswith('fpr') else 'true'}-positive rate {100 * v:.1f} %" for k, v in metrics.items()))
+    click.echo("rewrote: " + ", ".join(str(Path(p).relative_to(run_dir)) for p in result["changed"]))
+    for warning in result["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
 
 
 @main.command("evaluate")
@@ -227,7 +348,7 @@ def report(run_dirs, out, title, overwrite) -> None:
 @click.option("--overwrite", is_flag=True, help="replace an existing file.")
 def export_cmd(run_dir, out, overwrite) -> None:
     """Export the scoring of the detector saved in RUN_DIR to ONNX (scores and maps). The model carries its
-    own metadata (name, version, input shape, threshold), also written as OUT.json beside it; run it with
+    own metadata (name, version, input shape, threshold), also written beside it (model.onnx.json); run it with
     onnxruntime via anomalab.export.OnnxScorer. Needs `pip install anomalab[onnx]`."""
     from anomalab.export import export_onnx, meta_path
     from anomalab.registry import load
@@ -265,6 +386,36 @@ def make_textures_cmd(out, categories, size, n_train, n_test_good, n_test_per_de
         click.echo(f"{root / c}: use it as --data {root / c}")
 
 
+DEFECT_KINDS = ("scratch", "blob", "missing_patch", "intensity_shift")  # anomalab.data.make_defects.KINDS
+
+
+@main.command("make-defects")
+@click.argument("images", metavar="DIR", type=click.Path(exists=True, file_okay=False))
+@click.option("--kind", "kinds", multiple=True, required=True, type=click.Choice(DEFECT_KINDS),
+              help="defect to paint; repeat for several kinds (each gets its own test/<kind>/ folder).")
+@click.option("--n", "n", required=True, type=click.IntRange(min=1),
+              help="good images held out: the good test images, each also painted once with every --kind.")
+@click.option("--degree", default=1.0, show_default=True, type=click.FloatRange(0, 1),
+              help="defect strength: 0 = invisible, 1 = full; the same --seed places the same defects at every "
+                   "degree.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="new folder to write (MVTec layout).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="which images are held out and which defects they get.")
+@click.option("--overwrite", is_flag=True, help="replace a folder this command wrote before (make_defects.json; "
+                                                "never another).")
+def make_defects_cmd(images, kinds, n, degree, out, seed, overwrite) -> None:
+    """Build a labelled test set from the good images in DIR: --n of them are held out and painted with
+    synthetic defects (with masks), the rest are copied to train/good. `anomalab fit` on the written folder
+    then trains on train/good and reports the AUROC on test/; folders of several --degree values show how
+    strong a defect must be to be caught."""
+    from anomalab.data.make_defects import make_defects
+
+    record = make_defects(images, out, kinds=kinds, n=n, degree=degree, seed=seed, overwrite=overwrite)
+    click.echo(f"wrote {out}: {record['n_train']} training images (train/good), {n} good test images, "
+               f"{n} per defect kind ({', '.join(kinds)}) with masks, degree {degree:g}")
+    click.echo(f"next: anomalab fit gaussian --data {out} --out runs/{Path(out).name}-gaussian")
+
+
 GENERATED_MARKER = "generate.json"
 
 
@@ -278,7 +429,8 @@ GENERATED_MARKER = "generate.json"
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="new folder to write PNGs into.")
 @click.option("--overwrite", is_flag=True, help="replace a folder this command wrote before (never another).")
 def generate(run_dir, images, degree, out, overwrite) -> None:
-    """Generate pseudo-anomalies of a chosen DEGREE from IMAGES with the beta-VAEGAN saved in RUN_DIR."""
+    """Generate pseudo-anomalies of a chosen --degree from the normal images in --images with the beta-VAEGAN
+    saved in RUN_DIR."""
     import math
 
     from anomalab.errors import ParameterError
@@ -305,6 +457,17 @@ def _experiments() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
 
 
+def _experiment_doc(name: str) -> str:
+    """First paragraph of an experiment's module docstring, read from its source (nothing is imported)."""
+    import ast
+
+    import anomalab.experiments as pkg
+
+    source = Path(pkg.__path__[0]) / f"{name}.py"
+    doc = ast.get_docstring(ast.parse(source.read_text(encoding="utf-8")), clean=False) or ""
+    return doc.strip().split("\n\n")[0]
+
+
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, add_help_option=False)
 @click.argument("name", required=False)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
@@ -317,7 +480,7 @@ def experiment(name, args) -> None:
     if not name or name in ("--help", "-h"):
         click.echo("Usage: anomalab experiment NAME [ARGS]...   (anomalab experiment NAME --help for its options)\n")
         for n in names:
-            doc = (importlib.import_module(f"anomalab.experiments.{n}").__doc__ or "").strip().split("\n\n")[0]
+            doc = _experiment_doc(n)
             click.echo(f"{n:28s} {' '.join(doc.split())}")
         return
     choose(name, names, "experiment")

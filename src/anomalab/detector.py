@@ -210,10 +210,16 @@ class BaseDetector(Params):
         return resize_maps(maps, tuple(images.shape[-2:]))
 
     # ---- threshold ----------------------------------------------------------------------------
-    def fit_threshold(self, normal: ImageSet | Tensor, max_fpr: float = 0.01) -> Threshold:
-        """Fit the decision threshold on normal images only (never on a test set) and keep it."""
+    def fit_threshold(self, normal: ImageSet | Tensor, max_fpr: float = 0.01, *, pixel: bool = False,
+                      basis: str = "normal") -> Threshold:
+        """Fit the decision threshold on normal images only (never on a test set) and keep it: the
+        (1 - max_fpr) quantile of their scores. pixel=True also fits the pixel threshold where the detector
+        has maps: the same quantile of each image's hottest map pixel (`anomalab.thresholds`). basis: where
+        the images come from, recorded in the Threshold."""
+        from anomalab.thresholds import normal_statistics, threshold_from
+
         images = normal.images if isinstance(normal, ImageSet) else normal
-        self.threshold_ = Threshold.fit(self.score(images), max_fpr=max_fpr)
+        self.threshold_ = threshold_from(normal_statistics(self, images, maps=pixel), max_fpr, basis=basis)
         return self.threshold_
 
     # ---- save / load --------------------------------------------------------------------------

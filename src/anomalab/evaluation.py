@@ -9,6 +9,7 @@ import numpy as np
 
 from anomalab.errors import ParameterError
 from anomalab.metrics import aupr, aupro, image_auroc, pixel_auroc
+from anomalab.report.verdicts import confusion_matrix, per_class, threshold_counts
 from anomalab.types import Evaluation, ImageSet
 
 
@@ -27,6 +28,9 @@ def evaluate(detector, test: ImageSet, normalize: str | None = None, maps: bool 
     normalize: None (raw scores) or "minmax" (papers' test-set min-max scaling: AUROC/AUPR and pixel
         metrics unchanged; FPR/TPR at the threshold are left out, the threshold being on the raw scale).
     maps: compute anomaly maps (default: when the test set has masks and the detector has maps).
+    extra: the threshold, and at it the counts (caught / missed / false_alarms / passed) and the confusion
+        matrix [[passed, false_alarms], [missed, caught]]; with class ids (defect types, digits): class_names
+        and per_class (per type: n, AUROC vs the normal images, recall or false-alarm rate at the threshold).
     """
     if normalize not in (None, "minmax"):
         raise ParameterError(f"normalize must be None or 'minmax', got {normalize!r}")
@@ -66,6 +70,14 @@ def evaluate(detector, test: ImageSet, normalize: str | None = None, maps: bool 
             metrics["fpr_at_threshold"] = float(pred[normal].mean())
         if (~normal).any():
             metrics["tpr_at_threshold"] = float(pred[~normal].mean())
+        extra["counts"] = threshold_counts(scores, labels, threshold.value)
+        extra["confusion_matrix"] = confusion_matrix(extra["counts"])
+    class_names = test.meta.get("class_names")
+    if test.classes is not None:
+        if class_names is not None:
+            extra["class_names"] = [str(c) for c in class_names]
+        extra["per_class"] = per_class(scores, labels, test.classes.numpy(), class_names,
+                                       threshold.value if threshold is not None and normalize is None else None)
     return Evaluation(
         detector=getattr(detector, "name", type(detector).__name__),
         dataset=dataset or str(test.meta.get("name", "test")),

@@ -30,6 +30,7 @@ from torch import Tensor
 from anomalab.data.folder import list_images, read_image
 from anomalab.data.transforms import prepare, resize_maps
 from anomalab.errors import DataError, DataNotFoundError, NotFittedError, ParameterError
+from anomalab.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +116,12 @@ def _padded_batches(images: Tensor, batch_size: int) -> Iterator[tuple[Tensor, i
 
 
 def iter_scores(det: Any, files: Sequence[str | Path], *, on_error: str = "skip", chunk: int = SCORE_CHUNK,
-                batch_size: int = SCORE_BATCH, maps: bool = False) -> Iterator[dict[str, Any]]:
+                batch_size: int = SCORE_BATCH, maps: bool = False, progress: bool = True) -> Iterator[dict[str, Any]]:
     """Score `files` with the fitted detector `det`, in order: one row per readable file (see the module
     docstring), "map" added with maps=True. on_error: "skip" logs and leaves out an unreadable file,
     "raise" raises its DataError (DataNotFoundError for a missing file). A detector without anomaly maps
-    asked for them is a ParameterError."""
+    asked for them is a ParameterError. progress: files scored so far, counted chunk by chunk
+    (`anomalab.progress`: a bar on a terminal, else one line when the scoring ends)."""
     if on_error not in ("skip", "raise"):
         raise ParameterError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
     chunk, batch_size = _positive("chunk", chunk), _positive("batch_size", batch_size)
@@ -128,9 +130,19 @@ def iter_scores(det: Any, files: Sequence[str | Path], *, on_error: str = "skip"
         raise NotFittedError(f"{getattr(det, 'name', '') or type(det).__name__} is not fitted: call fit(train) first")
     shape = tuple(int(s) for s in shape)
     files = [Path(f) for f in files]
+    with Progress(f"{getattr(det, 'name', '') or 'detector'} score", len(files), unit="file",
+                  enabled=progress) as bar:
+        yield from _score_chunks(det, files, shape, on_error, chunk, batch_size, maps, bar)
+
+
+def _score_chunks(det: Any, files: list[Path], shape: tuple[int, ...], on_error: str, chunk: int, batch_size: int,
+                  maps: bool, bar: Progress) -> Iterator[dict[str, Any]]:
+    """The rows of `iter_scores`, chunk by chunk; `bar` counts the files of each chunk once it is scored."""
     for start in range(0, len(files), chunk):
-        read = _read(files[start : start + chunk], shape, on_error)
+        part = files[start : start + chunk]
+        read = _read(part, shape, on_error)
         if not read:
+            bar.update(len(part))
             continue
         images = torch.stack([x for _, x, _ in read])
         scores: list[float] = []
@@ -143,6 +155,7 @@ def iter_scores(det: Any, files: Sequence[str | Path], *, on_error: str = "skip"
                 except NotImplementedError as e:
                     raise ParameterError(f"{getattr(det, 'name', type(det).__name__)} gives no anomaly maps "
                                          f"({e}); score without maps") from None
+        bar.update(len(part))
         for i, (path, _, own_size) in enumerate(read):
             row: dict[str, Any] = {"name": str(path), "path": path, "score": scores[i],
                                    "verdict": verdict(det, scores[i])}

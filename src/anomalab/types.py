@@ -114,20 +114,37 @@ class ImageSet:
         )
 
 
+THRESHOLD_METHODS = ("quantile", "value")
+THRESHOLD_BASES = ("holdout", "crossfit", "train", "normal", "none")
+
+
 @dataclass
 class Threshold:
     """A decision threshold fitted on the scores of normal images only.
 
-    value is the (1 - max_fpr) quantile of the normal scores, so about `max_fpr` of normal images
-    score above it. A score strictly above `value` is called anomalous.
+    method "quantile": value is the (1 - max_fpr) quantile of n_normal normal scores, so about `max_fpr` of
+    normal images score above it. method "value": value was set by hand; max_fpr is then the fraction of the
+    n_normal kept normal scores above it (0 and 0 when there were none). A score strictly above `value` is
+    called anomalous.
+
+    basis: where the normal scores came from: "holdout" (training images held out of the fit), "crossfit"
+    (every training image scored by a detector fitted without it), "train" (the training images themselves:
+    optimistic), "normal" (normal images given for the purpose), "none" (no scores). pixel_value: the pixel
+    threshold of the anomaly maps (a defect mask is map > pixel_value), or None. created: when it was set
+    (ISO 8601, UTC), or None. Records from before these fields existed load with their defaults.
     """
 
     value: float
     max_fpr: float
     n_normal: int
+    method: str = "quantile"
+    basis: str = "normal"
+    pixel_value: float | None = None
+    created: str | None = None
 
     @classmethod
-    def fit(cls, normal_scores: Tensor | np.ndarray, max_fpr: float = 0.01) -> Threshold:
+    def fit(cls, normal_scores: Tensor | np.ndarray, max_fpr: float = 0.01, *, basis: str = "normal",
+            pixel_value: float | None = None, created: str | None = None) -> Threshold:
         scores = np.asarray(torch.as_tensor(normal_scores).detach().cpu(), dtype=np.float64).reshape(-1)
         if scores.size == 0:
             raise DataError("Threshold.fit needs at least one normal score")
@@ -136,7 +153,8 @@ class Threshold:
         if not 0.0 <= max_fpr < 1.0:
             raise ParameterError(f"max_fpr must be in [0, 1), got {max_fpr}")
         value = float(np.quantile(scores, 1.0 - max_fpr, method="higher"))
-        return cls(value=value, max_fpr=float(max_fpr), n_normal=int(scores.size))
+        return cls(value=value, max_fpr=float(max_fpr), n_normal=int(scores.size), basis=basis,
+                   pixel_value=pixel_value, created=created)
 
     def predict(self, scores: Tensor | np.ndarray) -> np.ndarray:
         """Boolean array: True = anomalous."""
@@ -147,13 +165,17 @@ class Threshold:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Threshold:
-        """The inverse of `to_dict`; a ParameterError for a record that is not one (missing or extra keys,
-        a non-finite value, max_fpr outside [0, 1), n_normal not a positive integer)."""
+        """The inverse of `to_dict`; a ParameterError for a record that is not one (missing or unknown keys,
+        a non-finite value, max_fpr outside [0, 1) ([0, 1] for a hand-set value), n_normal not a positive
+        integer (>= 0 for a hand-set value), an unknown method or basis). The keys value, max_fpr and
+        n_normal are required; method, basis, pixel_value and created are optional (older records)."""
         if not isinstance(d, dict):
             raise ParameterError(f"threshold must be a JSON object, got {type(d).__name__}")
         keys = {"value", "max_fpr", "n_normal"}
-        if set(d) != keys:
-            raise ParameterError(f"threshold must have exactly the keys {sorted(keys)}, got {sorted(d)}")
+        optional = {"method", "basis", "pixel_value", "created"}
+        if not keys <= set(d) or not set(d) <= keys | optional:
+            raise ParameterError(f"threshold must have exactly the keys {sorted(keys)} and optionally "
+                                 f"{sorted(optional)}, got {sorted(d)}")
 
         def number(key: str) -> float:
             v = d[key]
@@ -161,13 +183,26 @@ class Threshold:
                 raise ParameterError(f"threshold {key} must be a finite number, got {v!r}")
             return float(v)
 
+        method = d.get("method", "quantile")
+        if method not in THRESHOLD_METHODS:
+            raise ParameterError(f"threshold method must be one of {', '.join(THRESHOLD_METHODS)}, got {method!r}")
+        basis = d.get("basis", "normal")
+        if basis not in THRESHOLD_BASES:
+            raise ParameterError(f"threshold basis must be one of {', '.join(THRESHOLD_BASES)}, got {basis!r}")
+        by_hand = method == "value"
         value, max_fpr = number("value"), number("max_fpr")
-        if not 0.0 <= max_fpr < 1.0:
-            raise ParameterError(f"threshold max_fpr must be in [0, 1), got {max_fpr}")
+        if not (0.0 <= max_fpr <= 1.0 if by_hand else 0.0 <= max_fpr < 1.0):
+            raise ParameterError(f"threshold max_fpr must be in [0, {'1]' if by_hand else '1)'}, got {max_fpr}")
         n = d["n_normal"]
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ParameterError(f"threshold n_normal must be a positive integer, got {n!r}")
-        return cls(value=value, max_fpr=max_fpr, n_normal=n)
+        if isinstance(n, bool) or not isinstance(n, int) or n < (0 if by_hand else 1):
+            raise ParameterError(f"threshold n_normal must be a {'non-negative' if by_hand else 'positive'} "
+                                 f"integer, got {n!r}")
+        pixel = None if d.get("pixel_value") is None else number("pixel_value")
+        created = d.get("created")
+        if created is not None and not isinstance(created, str):
+            raise ParameterError(f"threshold created must be a date string or null, got {created!r}")
+        return cls(value=value, max_fpr=max_fpr, n_normal=n, method=method, basis=basis, pixel_value=pixel,
+                   created=created)
 
 
 def _clean(value: Any) -> Any:

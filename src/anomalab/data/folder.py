@@ -91,14 +91,45 @@ def _size(size: int | tuple[int, int] | None) -> tuple[int, int] | None:
     return (int(h), int(w))
 
 
+def mvtec_categories(folder: str | Path) -> list[str]:
+    """Names of the subfolders of `folder` that are MVTec-layout categories (hold train/good), sorted:
+    non-empty when `folder` is a dataset root such as MVTec AD's rather than one category."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and (d / "train" / GOOD).is_dir())
+
+
+def _names(names: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def subfolders(folder: str | Path) -> list[str]:
+    """Names of the visible subfolders of `folder`, sorted (the images in them are not read by `list_images`)."""
+    return sorted(d.name for d in Path(folder).iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
 def list_images(folder: str | Path) -> list[Path]:
     """Image files directly in `folder`, sorted by name. Raises DataNotFoundError for a missing folder
-    and DataError for a folder without images."""
+    and DataError for a folder without images (naming the categories when it is an MVTec-layout root, or
+    its subfolders when the images lie one level down)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataNotFoundError(f"image folder not found: {folder}")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
+        if (folder / "train" / GOOD).is_dir():
+            raise DataError(f"{folder} is an MVTec-layout category, not a folder of images: its good images are "
+                            f"in {folder / 'train' / GOOD}")
+        categories = mvtec_categories(folder)
+        if categories:
+            raise DataError(f"{folder} holds MVTec-layout categories ({_names(categories)}), not images: pass one "
+                            f"category folder, e.g. {folder / categories[0]}")
+        below = subfolders(folder)
+        if below:
+            raise DataError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) directly in {folder}; images in its "
+                            f"subfolders ({_names(below)}) are not read: pass one of them, e.g. {folder / below[0]}")
         raise DataError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     return files
 
@@ -415,10 +446,16 @@ def load_mvtec(root: str | Path, category: str | None = None, split: str = "test
 
 def load_folder(folder: str | Path, size: int | tuple[int, int] | None = None, channels: int | None = None,
                 on_error: str = "skip") -> ImageSet:
-    """Every image directly in `folder` as normal images (labels 0), e.g. a user's good images for fit."""
+    """Every image directly in `folder` as normal images (labels 0), e.g. a user's good images for fit.
+    Subfolders are not read; one warning names them."""
     folder = Path(folder)
-    data = load_samples([Sample(p) for p in list_images(folder)], size=size, channels=channels,
-                        on_error=on_error, name=folder.name)
+    files = list_images(folder)
+    below = subfolders(folder)
+    if below:
+        log.warning("reading only the %d images directly in %s; its subfolder%s %s %s skipped", len(files), folder,
+                    "s" if len(below) > 1 else "", _names(below), "are" if len(below) > 1 else "is")
+    data = load_samples([Sample(p) for p in files], size=size, channels=channels, on_error=on_error,
+                        name=folder.name)
     data.masks = None
     data.meta.update({"source": str(folder)})
     return data

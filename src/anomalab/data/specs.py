@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from anomalab.errors import DataNotFoundError, ParameterError
+from anomalab.errors import DataError, DataNotFoundError, ParameterError
 from anomalab.types import ImageSet
 
 DEFAULT_TEXTURES_ROOT = Path("runs/datasets/textures")
@@ -78,8 +78,19 @@ def check_spec(spec: str) -> tuple[str, str, dict[str, str]]:
 
         if target not in CATEGORIES and not (Path(opts.get("root", DEFAULT_TEXTURES_ROOT)) / target).is_dir():
             raise ParameterError(f"unknown texture {target!r}; known: {', '.join(CATEGORIES)}")
-    if kind == "folder" and not Path(target).exists():
-        raise DataNotFoundError(f"data folder not found: {target}")
+    if kind == "folder":
+        path = Path(target)
+        if not path.exists():
+            raise DataNotFoundError(f"data folder not found: {target}")
+        if path.is_dir() and not (path / "train" / "good").is_dir():
+            from anomalab.data.folder import mvtec_categories
+
+            categories = mvtec_categories(path)
+            if categories:
+                shown = ", ".join(categories[:12]) + (", ..." if len(categories) > 12 else "")
+                raise DataError(f"{target} is a dataset root holding {len(categories)} MVTec-layout categor"
+                                f"{'ies' if len(categories) > 1 else 'y'} ({shown}); pass one category "
+                                f"folder, e.g. {path / categories[0]}")
     return kind, target, opts
 
 

@@ -25,6 +25,7 @@ from anomalab.data.transforms import check_images, prepare
 from anomalab.detector import BaseDetector
 from anomalab.errors import DataError, ParameterError
 from anomalab.nets.effnet_lite0 import LEVEL_CHANNELS, LEVELS, make_backbone
+from anomalab.progress import progress
 from anomalab.types import ImageSet
 
 
@@ -169,7 +170,7 @@ class Gaussian(BaseDetector):
         images = train.images if isinstance(train, ImageSet) else train
         check_images(images, what=f"{self.name}.fit")
         bs = int(self.batch_size)
-        return self.fit_batches(images[i : i + bs] for i in range(0, len(images), bs))
+        return self.fit_batches([images[i : i + bs] for i in range(0, len(images), bs)])  # views, no copies
 
     def fit_batches(self, batches: Iterable[Tensor]) -> Gaussian:
         """Fit from an iterable of (B, C, H, W) batches in [0, 1], e.g. images read from files in chunks
@@ -180,7 +181,8 @@ class Gaussian(BaseDetector):
         pooled: dict[int, list[Tensor]] = {level: [] for level in LEVELS}
         moments = _Moments() if self.patch_levels else None
         with torch.inference_mode():
-            for batch in batches:
+            for batch in progress(batches, f"{self.name} features", unit="batch",
+                                  enabled=getattr(self, "progress", True)):
                 check_images(batch, what=f"{self.name}.fit")
                 x = prepare(batch, shape).to(self.device_)
                 feats = self._features(x)

@@ -1,9 +1,14 @@
-"""Image-level metrics (scikit-learn underneath), anomalous class positive."""
+"""Image-level metrics (scikit-learn underneath, imported on first use), anomalous class positive."""
 
 from __future__ import annotations
 
 import numpy as np
-from sklearn import metrics as skm
+
+
+def _skm():
+    from sklearn import metrics
+
+    return metrics
 
 
 def _check(labels, scores) -> tuple[np.ndarray, np.ndarray]:
@@ -21,17 +26,17 @@ def _check(labels, scores) -> tuple[np.ndarray, np.ndarray]:
 def image_auroc(labels, scores) -> float:
     """Area under the ROC curve of image scores; 0.5 = chance, 1 = every anomaly above every normal."""
     y, s = _check(labels, scores)
-    return float(skm.roc_auc_score(y, s))
+    return float(_skm().roc_auc_score(y, s))
 
 
 def aupr(labels, scores) -> float:
     """Area under the precision-recall curve with the anomalous class positive (average precision,
     the step-wise sum sum_n (R_n - R_{n-1}) P_n, which does not interpolate optimistically)."""
     y, s = _check(labels, scores)
-    return float(skm.average_precision_score(y, s))
+    return float(_skm().average_precision_score(y, s))
 
 
 def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(fpr, tpr, thresholds), for plots."""
     y, s = _check(labels, scores)
-    return skm.roc_curve(y, s)
+    return _skm().roc_curve(y, s)

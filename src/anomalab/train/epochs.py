@@ -3,21 +3,56 @@ skip_ganomaly): `train_more` over a tensor of prepared images, named optimisers,
 
 `fit` and continual learning both train through `train_more`, so every way of training a detector
 runs the same loop (`run_epochs`) with the same seeding.
+
+Minimum training on small folders (`EpochTrained.fit_epochs`): the papers' epochs (vae 20 x batch 128,
+ganomaly 15 x 64, ...) assume thousands of images; on 60 photos they are ~20 optimisation steps and the
+detector scores at chance. So `fit` trains max(epochs, ceil(min_steps / steps per epoch)) epochs, with
+`min_steps` = 500 steps (one step = one mini-batch, one update of each optimiser), unless `epochs` was
+passed explicitly: then exactly `epochs` are trained, with a warning naming the fix when they give fewer
+than `min_steps` steps. On data large enough (MNIST's ~3,600 normal digits: vae 580 steps, ganomaly and
+skip_ganomaly and anogan 855, egbad 3,600) the papers' epochs stand unchanged.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import logging
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from anomalab.train.loop import Batches, run_epochs, seed_everything
 
+log = logging.getLogger(__name__)
+
 Step = Callable[[Tensor], dict[str, float]]
 OnStep = Callable[[dict[str, float]], None]
+
+MIN_STEPS = 500  # optimisation steps `fit` trains at least when `epochs` is left at its default
+
+
+def _recording_init(init: Callable[..., None]) -> Callable[..., None]:
+    """`init` that first records, on the outermost call, which parameters the caller passed
+    (`_explicit_params`), so `fit_epochs` can tell `epochs=20` given from the default 20."""
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if "_explicit_params" not in self.__dict__:
+            try:
+                given = signature.bind_partial(self, *args, **kwargs).arguments
+            except TypeError:  # init itself reports the bad call
+                given = {}
+            self.__dict__["_explicit_params"] = frozenset(given) - {"self"}
+        init(self, *args, **kwargs)
+
+    __init__._records_params = True  # type: ignore[attr-defined]
+    return __init__
 
 
 @runtime_checkable
@@ -35,13 +70,42 @@ class EpochTrained:
     mini-batch: zero_grad, backward and one step of each optimiser), and may override `_training_data`
     (the tensor the step iterates over) and `_after_training`. Class attributes: `continual_strategies`
     (the strategies of `anomalab.continual` this detector's training takes), `progress` (progress bar),
-    `on_step` (the callback `train_more` uses when none is passed, so that `fit` reports steps too).
+    `on_step` (the callback `train_more` uses when none is passed, so that `fit` reports steps too),
+    `min_steps` (see `fit_epochs`).
     """
 
     continual_strategies: ClassVar[tuple[str, ...]] = ()
+    min_steps: ClassVar[int] = MIN_STEPS
     progress: bool = True
     on_step: OnStep | None = None
     optimizers_: dict[str, torch.optim.Optimizer] | None = None  # built by the first train_more
+    _explicit_params: frozenset[str] = frozenset()  # parameters passed to __init__ (set per instance)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not getattr(init, "_records_params", False):
+            cls.__init__ = _recording_init(init)
+
+    def fit_epochs(self, n: int) -> int:
+        """Epochs `fit` trains on n images: `epochs` when passed explicitly (warning when that gives fewer
+        than `min_steps` optimisation steps), else max(epochs, ceil(min_steps / steps per epoch)), noted in
+        the log when it extends (module docstring)."""
+        epochs, batch = int(self.epochs), int(self.batch_size)
+        per_epoch = max(1, math.ceil(n / batch))
+        steps = epochs * per_epoch
+        if steps >= self.min_steps:
+            return epochs
+        needed = math.ceil(self.min_steps / per_epoch)
+        if "epochs" in self._explicit_params:
+            log.warning("%s: epochs=%d on %d images (batch_size %d) gives only %d optimisation steps (fewer than "
+                        "%d; scores may stay near chance): pass epochs=%d, or leave epochs out to train that many",
+                        self.name, epochs, n, batch, steps, self.min_steps, needed)
+            return epochs
+        log.info("%s: training %d epochs instead of %d to reach %d optimisation steps (%d images at batch_size %d: "
+                 "%d per epoch); pass epochs= to choose", self.name, needed, epochs, self.min_steps, n, batch,
+                 per_epoch)
+        return needed
 
     def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         raise NotImplementedError
@@ -67,7 +131,8 @@ class EpochTrained:
                    desc: str | None = None, on_step: OnStep | None = None) -> None:
         """Train the current networks further on prepared images x (N, C, H, W) in [0, 1].
 
-        epochs: passes over x (default: the detector's `epochs`). step(batch) -> logs: replaces
+        epochs: passes over x (default: `fit_epochs(len(x))`, the detector's `epochs` raised to reach
+        `min_steps` unless `epochs` was passed explicitly). step(batch) -> logs: replaces
         `_train_step` for this call (a continual strategy's step); it gets the batches `_train_step`
         would get. desc: progress-bar label. on_step(logs): called after every training step (one
         mini-batch: one update of each optimiser) with that step's logged values; default: the
@@ -87,8 +152,9 @@ class EpochTrained:
                 callback(logs)
                 return logs
 
+        if epochs is None:
+            epochs = self.fit_epochs(len(x))
         with self._training_data(x) as data:
             loader = Batches(data, self.batch_size, shuffle=True, generator=generator)
-            self.history_ += run_epochs(run, loader, self.epochs if epochs is None else epochs,
-                                        progress=self.progress, desc=desc or f"{self.name} fit")
+            self.history_ += run_epochs(run, loader, epochs, progress=self.progress, desc=desc or f"{self.name} fit")
             self._after_training(data)

@@ -8,7 +8,8 @@ from collections.abc import Callable, Iterable, Iterator
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+
+from anomalab.progress import Progress
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -55,13 +56,14 @@ def run_epochs(
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
 ) -> list[dict[str, float]]:
     """Call `step(batch)` over `loader` for `epochs` passes; return the per-epoch mean of each logged
-    value (one dict per epoch). `step` owns zero_grad/backward/step; this loop owns nothing else."""
+    value (one dict per epoch). `step` owns zero_grad/backward/step; this loop owns nothing else.
+    progress: a bar on a terminal, one log line per epoch elsewhere (`anomalab.progress`)."""
     history: list[dict[str, float]] = []
     try:
         total = epochs * len(loader)  # type: ignore[arg-type]
     except TypeError:
         total = None
-    with tqdm(total=total, desc=desc, disable=not progress, mininterval=1.0, leave=False) as bar:
+    with Progress(desc, total, unit="step", enabled=progress) as bar:
         for epoch in range(epochs):
             sums: dict[str, float] = {}
             n = 0
@@ -73,7 +75,7 @@ def run_epochs(
                 bar.update(1)
             means = {k: v / max(n, 1) for k, v in sums.items()}
             history.append(means)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in means.items()}, refresh=False)
+            bar.epoch(epoch, epochs, means)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, means)
     return history

@@ -31,6 +31,7 @@ from anomalab.detectors.metric.heads import make_head
 from anomalab.errors import ParameterError
 from anomalab.generate.defects import DEFECTS, TEST_DEFECTS
 from anomalab.nets.effnet_lite0 import LEVELS, make_backbone
+from anomalab.progress import progress
 from anomalab.train.loop import run_epochs, seed_everything
 from anomalab.types import ImageSet
 
@@ -72,7 +73,7 @@ class Metric(BaseDetector):
     _fitted_tensors = ("train_embeddings_",)
     _fitted_json = ("history_", "num_classes_")
     score_batch_size = 16  # CPU: batches beyond ~16 get slower per image (memory-bound depthwise convs)
-    progress: bool = True  # tqdm bar during training
+    progress: bool = True  # progress of feature extraction and training (anomalab.progress)
 
     def __init__(
         self,
@@ -154,10 +155,13 @@ class Metric(BaseDetector):
             h = self._frozen(x)
         return self._trained(h)
 
-    def _frozen_batched(self, x: Tensor) -> Tensor:
+    def _frozen_batched(self, x: Tensor, desc: str | None = None) -> Tensor:
+        """The frozen part's activations of x, batch by batch (with a progress display when desc is given)."""
+        starts = range(0, len(x), self.score_batch_size)
+        if desc is not None:
+            starts = progress(starts, desc, unit="batch", enabled=self.progress)
         with torch.no_grad():  # not inference_mode: the result feeds the trained part under autograd
-            return torch.cat([self._frozen(x[i : i + self.score_batch_size].to(self.device_))
-                              for i in range(0, len(x), self.score_batch_size)])
+            return torch.cat([self._frozen(x[i : i + self.score_batch_size].to(self.device_)) for i in starts])
 
     # ---- fit ------------------------------------------------------------------------------------
     def _num_classes(self, train: ImageSet) -> int:
@@ -201,7 +205,7 @@ class Metric(BaseDetector):
             else:
                 y = train.labels
                 reference = x[y == 0]
-            h = self._frozen_batched(x)
+            h = self._frozen_batched(x, desc=f"{self.name} features")
 
             def epoch():
                 return h, y
@@ -210,7 +214,7 @@ class Metric(BaseDetector):
             originals = train.images
             y = torch.cat([torch.zeros(len(x), dtype=torch.long), torch.ones(len(x), dtype=torch.long)])
             reference = x
-            h_originals = self._frozen_batched(x)
+            h_originals = self._frozen_batched(x, desc=f"{self.name} features")
 
             def epoch():
                 twins = prepare(make_twins(originals, rng, defects), shape)
@@ -246,7 +250,8 @@ class Metric(BaseDetector):
             net.eval()
         out = []
         with torch.inference_mode():
-            for i in range(0, len(x), self.score_batch_size):
+            for i in progress(range(0, len(x), self.score_batch_size), f"{self.name} reference embeddings",
+                              unit="batch", enabled=self.progress):
                 out.append(F.normalize(self._embed_x(x[i : i + self.score_batch_size].to(self.device_)), dim=1))
         return torch.cat(out).clone()
 

@@ -1,0 +1,170 @@
+"""PaDiM (Defard et al., "PaDiM: a Patch Distribution Modeling Framework for Anomaly Detection and
+Localization", ICPR 2021).
+
+Nothing is trained. The feature maps of three backbone levels (paper: ResNet-18 layers 1-3, strides 4, 8
+and 16; here EfficientNet-Lite0 levels 3, 4 and 5, at the same strides: 24 + 40 + 80 = 144 channels) are
+upsampled to the finest grid and concatenated; a fixed, seeded random subset of d channels is kept (paper:
+100 of 448; here 100 of 144). Every grid position (i, j) gets a multivariate Gaussian
+N(mu_ij, Sigma_ij) over the normal images, Sigma_ij = the sample covariance + eps I (eps = 0.01).
+
+The map is the Mahalanobis distance sqrt((x_ij - mu_ij)^T Sigma_ij^-1 (x_ij - mu_ij)) at every position,
+upsampled bilinearly to the input size and smoothed by a Gaussian of sigma = 4 px; the image score is the
+map's maximum. Fitting streams the images in batches and keeps only running sums (gaussian.py's `_Moments`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from anomalab.data.transforms import check_images, prepare
+from anomalab.detector import BaseDetector
+from anomalab.detectors._features import build_backbone, check_levels, gaussian_blur, on_finest_grid
+from anomalab.detectors.gaussian import _Moments
+from anomalab.errors import DataError, ParameterError
+from anomalab.types import ImageSet
+
+
+def gaussian_precision(moments: _Moments, eps: float, chunk: int = 64) -> Tensor:
+    """(P, d, d) float32 inverses of Sigma = the unbiased sample covariance + eps I, from the streamed sums
+    of `moments` (float64, `chunk` positions at a time)."""
+    n = moments.n
+    out = torch.empty(moments.s2.shape, dtype=torch.float32)
+    eye = torch.eye(moments.s2.shape[-1], dtype=torch.float64)
+    for i in range(0, len(out), chunk):
+        s1, s2 = moments.s1[i : i + chunk], moments.s2[i : i + chunk]
+        cov = (s2 - s1[:, :, None] * s1[:, None, :] / n) / (n - 1) + eps * eye
+        chol, info = torch.linalg.cholesky_ex(cov)
+        if info.any():
+            raise DataError(f"padim.fit: a covariance is singular (n = {n} images, eps = {eps}): use eps > 0")
+        out[i : i + chunk] = torch.cholesky_inverse(chol).float()
+    return out
+
+
+def mahalanobis(z: Tensor, mean: Tensor, precision: Tensor) -> Tensor:
+    """z (B, P, d), mean (P, d), precision (P, d, d) -> (B, P) distances, one batched product per position."""
+    diff = (z.transpose(0, 1) - mean[:, None]).contiguous()  # (P, B, d); bmm is slow on strided input
+    sq = (torch.bmm(diff, precision) * diff).sum(-1)
+    return sq.clamp_min(0).sqrt().T
+
+
+class PaDiM(BaseDetector):
+    """score(images (N, C, H, W) in [0, 1]) -> (N,) maximum of the map; score_map -> (N, H, W) smoothed
+    per-position Mahalanobis distances. Higher = more anomalous."""
+
+    name = "padim"
+    _fitted_tensors = ("channels_", "mean_", "precision_")
+    _fitted_json = ("history_", "n_train_", "grid_")
+
+    def __init__(
+        self,
+        levels: tuple[int, ...] = (3, 4, 5),  # backbone levels (paper: ResNet-18 layers 1-3, strides 4, 8, 16)
+        image_size: int = 224,  # input side in pixels (the paper's 224)
+        d_channels: int = 100,  # d: random channels kept of the concatenation (paper: 100 of 448)
+        eps: float = 0.01,  # epsilon of Sigma_ij + eps I
+        sigma: float = 4.0,  # Gaussian smoothing of the map, pixels at image_size
+        seed: int = 0,  # the random channel subset
+        backbone: str = "effnet_lite0",
+        weights: str | None = "imagenet",  # "imagenet" = packaged weights, a local checkpoint path, or None
+        batch_size: int = 4,  # images per backbone call (fit and score); small batches run faster on a CPU
+        device: str = "cpu",
+    ):
+        self.levels = levels
+        self.image_size = image_size
+        self.d_channels = d_channels
+        self.eps = eps
+        self.sigma = sigma
+        self.seed = seed
+        self.backbone = backbone
+        self.weights = weights
+        self.batch_size = batch_size
+        self.device = device
+
+    # ---- parameters and parts -------------------------------------------------------------------
+    @property
+    def levels_(self) -> tuple[int, ...]:
+        return check_levels(self.levels, self.name)
+
+    def _check_params(self) -> None:
+        _ = self.levels_
+        if int(self.d_channels) < 1:
+            raise ParameterError(f"{self.name}: d_channels must be a positive integer, got {self.d_channels!r}")
+        if float(self.eps) < 0 or float(self.sigma) < 0:
+            raise ParameterError(f"{self.name}: eps and sigma must be >= 0, got {self.eps!r}, {self.sigma!r}")
+
+    def _model_shape(self, data_shape=None) -> tuple[int, int, int]:
+        if int(self.image_size) < 32:
+            raise ParameterError(f"{self.name}: image_size must be at least 32 pixels, got {self.image_size}")
+        return (3, int(self.image_size), int(self.image_size))
+
+    def _build(self, shape) -> None:
+        self.backbone_ = build_backbone(self.backbone, self.weights, int(self.seed), self.device_, self.name)
+
+    def _choose_channels(self) -> Tensor:
+        """The seeded random subset (sorted) of the concatenated channels: d of sum C_l."""
+        total = sum(self.backbone_.level_channels[level - 1] for level in self.levels_)
+        g = torch.Generator().manual_seed(int(self.seed))
+        return torch.randperm(total, generator=g)[: min(int(self.d_channels), total)].sort().values
+
+    def embed_patches(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Prepared images (B, 3, H, W) -> (B, h*w, d): the chosen channels of the concatenated levels on the
+        finest level's grid, and (h, w)."""
+        feats = self.backbone_.features(x, self.levels_)
+        z = on_finest_grid([feats[level] for level in self.levels_])
+        z = z.index_select(1, self.channels_.to(z.device))
+        return z.flatten(2).transpose(1, 2), tuple(z.shape[-2:])
+
+    # ---- fit ------------------------------------------------------------------------------------
+    def fit(self, train: ImageSet | Tensor) -> PaDiM:
+        """Fit on normal images: ImageSet or (N, C, H, W) tensor in [0, 1] (gray or RGB, any size)."""
+        images = train.images if isinstance(train, ImageSet) else train
+        images = check_images(images, what=f"{self.name}.fit")
+        bs = int(self.batch_size)
+        return self.fit_batches(images[i : i + bs] for i in range(0, len(images), bs))
+
+    def fit_batches(self, batches: Iterable[Tensor]) -> PaDiM:
+        """Fit from an iterable of (B, C, H, W) batches in [0, 1]; only running sums are kept."""
+        self._check_params()
+        shape = self._model_shape()
+        self._build(shape)
+        self.channels_ = self._choose_channels()
+        moments = _Moments()
+        grid = None
+        with torch.inference_mode():
+            for batch in batches:
+                batch = check_images(batch, what=f"{self.name}.fit")
+                if not len(batch):
+                    continue
+                z, grid = self.embed_patches(prepare(batch, shape).to(self.device_))
+                moments.update(z.cpu())
+        if moments.n == 0:
+            raise DataError(f"{self.name}.fit: no images to fit on")
+        if moments.n < 2:
+            raise DataError(f"{self.name}.fit: a covariance needs at least 2 normal images, got {moments.n}")
+        self.mean_ = (moments.s1 / moments.n).float().to(self.device_)
+        self.precision_ = gaussian_precision(moments, float(self.eps)).to(self.device_)
+        self.grid_ = list(grid)
+        self.n_train_ = moments.n
+        self.history_ = []
+        self.threshold_ = None
+        self.input_shape_ = shape
+        return self
+
+    # ---- score ----------------------------------------------------------------------------------
+    def _batched(self, fn, images: Tensor, batch_size: int | None) -> Tensor:
+        # 4 backbone batches per Mahalanobis product: the (P, d, d) precisions are read once per call
+        return super()._batched(fn, images, batch_size or 4 * int(self.batch_size))
+
+    def _map_batch(self, x: Tensor) -> Tensor:
+        bs = int(self.batch_size)
+        parts = [self.embed_patches(x[i : i + bs]) for i in range(0, len(x), bs)]
+        z, (h, w) = torch.cat([part[0] for part in parts]), parts[0][1]
+        d = mahalanobis(z, self.mean_, self.precision_).view(len(x), 1, h, w)
+        maps = F.interpolate(d, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
+        return gaussian_blur(maps, float(self.sigma))
+
+    def _score_batch(self, x: Tensor) -> Tensor:
+        return self._map_batch(x).flatten(1).amax(1)
