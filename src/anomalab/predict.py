@@ -120,6 +120,12 @@ def colour_bar(scale: ColourScale, width: int = 320, height: int = 14) -> bytes:
     return buffer.getvalue()
 
 
+def _short(name: str) -> str:
+    """The file name with its folder (`scratch/005.png`): file names repeat across defect folders."""
+    path = Path(name)
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
 def is_predict_folder(path: Path) -> bool:
     """Whether `path` holds a folder written by predict (its predict.json marker)."""
     marker = Path(path) / MARKER
@@ -188,7 +194,7 @@ def write_gallery(path: Path, rows: list[tuple[float, str, str, str, str]], *, t
             f.write(f"<figure class='card {verdict or 'none'}' data-name='{html.escape(name)}' "
                     f"data-score='{score!r}'>{picture}<figcaption><span class=v>{verdict or 'no threshold'}"
                     f"</span> {score:.5g}{link}<div class=name title='{html.escape(name)}'>"
-                    f"{html.escape(Path(name).name)}</div></figcaption></figure>\n")
+                    f"{html.escape(_short(name))}</div></figcaption></figure>\n")
         f.write("</div></body></html>\n")
     return path
 
