@@ -342,14 +342,64 @@ def report(run_dirs, out, title, overwrite) -> None:
     click.echo(f"report: {write_report([r.path for r in runs], out, title=title)}")
 
 
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.argument("more_seeds", nargs=-1, metavar="")
+@click.option("--data", "data", multiple=True, required=True,
+              help="data spec with a test set (repeat for several categories): mnist:anomaly=0, textures:brick, an "
+                   "MVTec-layout folder.")
+@click.option("--detectors", default=None, help="comma-separated detectors (knn and pca are always added).")
+@click.option("--family", type=click.Choice(["features", "gan", "ae", "all"]), default=None,
+              help="the registered detectors of one family (default: all).")
+@click.option("--budget", type=click.Choice(["quick", "standard", "paper"]), default="standard", show_default=True,
+              help="quick: minutes for a first look; standard: the detectors' defaults; paper: the papers' schedules.")
+@click.option("--seeds", "seeds", multiple=True, metavar="S [S ...]",
+              help="seeds, e.g. --seeds 0 1 2 (default: 0 for quick, else 0 1 2); deterministic detectors are "
+                   "fitted once.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="comparison folder: new, or one compare wrote (then it continues where it stopped).")
+@click.option("--overwrite", is_flag=True, help="start over: replace a folder compare wrote (never another).")
+@click.option("--refit", is_flag=True, help="fit every cell again, even those already finished.")
+@click.option("--retry-failed", is_flag=True, help="fit the cells that failed before again.")
+@click.option("--min-speed", default=20.0, show_default=True, type=float,
+              help="speed budget of the recommendation: test images scored per second.")
+@click.option("--no-figures", is_flag=True, help="skip the runs' PNG figures (their reports keep the tables).")
+@click.option("--in-process", is_flag=True, help="run every cell in this process (faster start, no peak memory).")
+def compare(more_seeds, data, detectors, family, budget, seeds, out, overwrite, refit, retry_failed, min_speed,
+            no_figures, in_process) -> None:
+    """Fit every detector on the normal images of each --data, evaluate on its test set, and write one
+    leaderboard: OUT/leaderboard.html (self-contained), .json, .csv, .md; each run's folder, with its own
+    report, under OUT/runs/<data>/<detector>_s<seed>/. Rerunning the same command continues an interrupted
+    comparison; a cell that fails is recorded with its error and the others go on. See docs/compare.md."""
+    from anomalab.compare import compare as run_compare
+    from anomalab.errors import ParameterError
+
+    if more_seeds and not seeds:
+        raise ParameterError(f"unexpected argument {more_seeds[0]!r} (seeds follow --seeds: --seeds 0 1 2)")
+    values = []
+    for item in (*seeds, *more_seeds):
+        for part in filter(None, item.replace(",", " ").split()):
+            if not part.isdigit():
+                raise ParameterError(f"--seeds takes integers >= 0, got {part!r}")
+            values.append(int(part))
+    board = run_compare(list(data), out, detectors=detectors, family=family, budget=budget,
+                        seeds=values or None, overwrite=overwrite, refit=refit, retry_failed=retry_failed,
+                        figures=not no_figures, isolate=not in_process, min_images_per_s=min_speed,
+                        command=_command_line(), echo=lambda line: click.echo(line, err=True))
+    click.echo(board["recommendation"]["text"])
+    if board["failed"]:
+        click.echo(f"{board['failed']} of {board['cells']} cells failed (errors in the table)", err=True)
+    click.echo(f"leaderboard: {Path(out) / 'leaderboard.html'}")
+
+
 @main.command("export")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="ONNX file to write (model.onnx).")
 @click.option("--overwrite", is_flag=True, help="replace an existing file.")
 def export_cmd(run_dir, out, overwrite) -> None:
-    """Export the scoring of the detector saved in RUN_DIR to ONNX (scores and maps). The model carries its
-    own metadata (name, version, input shape, threshold), also written beside it (model.onnx.json); run it with
-    onnxruntime via anomalab.export.OnnxScorer. Needs `pip install anomalab[onnx]`."""
+    """Export the scoring of the detector saved in RUN_DIR to ONNX (scores, and maps where the map is a fixed
+    graph). The model carries its own metadata (name, version, input shape, threshold), also written beside
+    it (model.onnx.json); run it with onnxruntime via anomalab.export.OnnxScorer. Needs `pip install
+    anomalab[onnx]`."""
     from anomalab.export import export_onnx, meta_path
     from anomalab.registry import load
     from anomalab.runs.outputs import check_output_file
@@ -548,6 +598,41 @@ def demo(out, predictions, detector, category, overwrite) -> None:
     click.echo(f"predictions: {summary['n_images']} test images, {summary['n_anomalous']} flagged -> "
                f"{(predictions / 'index.html').resolve()} (overlays and masks beside it)")
     click.echo(f"report: {(run / 'report.html').resolve()}")
+
+
+@main.command("serve")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to listen on; the default takes connections from this machine only.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--onnx", is_flag=True, help="score with ONNX Runtime (the run's detector, exported at start-up).")
+@click.option("--token", envvar="ANOMALAB_TOKEN", default=None,
+              help="require `Authorization: Bearer TOKEN` on every request but the page (or set ANOMALAB_TOKEN, "
+                   "which `ps` does not show).")
+@click.option("--batch-size", default=None, type=click.IntRange(min=1),
+              help="images per scoring call (default 32, as `anomalab score`: the same scores bit for bit).")
+def serve_cmd(run_dir, host, port, onnx, token, batch_size) -> None:
+    """Serve the detector saved in RUN_DIR over HTTP: POST /v1/score (image files -> score, verdict,
+    overlay), GET /v1/model, GET /healthz, and a page at / to drop images on. Needs `pip install
+    anomalab[serve]`; see docs/deployment.md."""
+    try:
+        import fastapi  # noqa: F401
+        import multipart  # noqa: F401  (python-multipart: form uploads)
+        import uvicorn
+    except ImportError as e:
+        raise UserError(f"`anomalab serve` needs FastAPI, uvicorn and python-multipart ({e.name} is missing): "
+                        "pip install anomalab[serve]") from None
+    from anomalab import scoring
+    from anomalab.serve.app import create_app
+
+    app = create_app(run_dir, onnx=onnx, token=token, batch_size=batch_size or scoring.SCORE_BATCH)
+    model = app.state.model
+    if host not in ("127.0.0.1", "localhost", "::1") and not token:
+        click.echo(f"warning: listening on {host} without --token: anyone who can reach port {port} can use it",
+                   err=True)
+    click.echo(f"serving {model.det.name} from {run_dir} ({model.engine}) on http://{host}:{port}/ "
+               f"(Ctrl-C stops)")
+    uvicorn.run(app, host=host, port=port, log_level="warning", server_header=False)
 
 
 if __name__ == "__main__":

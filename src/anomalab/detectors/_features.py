@@ -65,13 +65,15 @@ def _blur_matrix(size: int, sigma: float, radius: int, device, dtype) -> Tensor:
     return k.to(device=device, dtype=dtype)
 
 
-def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
+def gaussian_blur(maps: Tensor, sigma: float, size: tuple[int, int] | None = None) -> Tensor:
     """(N, H, W) maps smoothed by a Gaussian of standard deviation `sigma` pixels (separable, truncated at
-    4 sigma, symmetric borders as scipy.ndimage.gaussian_filter's default), as two matrix products."""
+    4 sigma, symmetric borders as scipy.ndimage.gaussian_filter's default), as two matrix products.
+    size: (H, W) as plain integers, so that a traced graph (ONNX export) holds the filters as constants
+    instead of building them from the input's shape; default: the maps' own."""
     if sigma <= 0:
         return maps
     radius = max(1, int(4 * sigma + 0.5))
-    h, w = maps.shape[-2:]
+    h, w = size if size is not None else maps.shape[-2:]
     k_h = _blur_matrix(h, sigma, radius, maps.device, maps.dtype)
     k_w = _blur_matrix(w, sigma, radius, maps.device, maps.dtype)
     return k_h @ maps @ k_w.T

@@ -54,6 +54,8 @@ class AnoGAN(PairedGANDetector):
     G(z*) and map in one go."""
 
     name = "anogan"
+    onnx_refusal = ("anogan cannot be exported to ONNX: it scores each image by an optimisation (gradient steps "
+                    "on a latent code per image), not by a fixed graph")
     score_batch_size = 512
     # a DCGAN samples from its prior: replay appends images of a frozen copy of G to D's real batches
     # (deep generative replay, Shin et al. 2017), which changes the data only

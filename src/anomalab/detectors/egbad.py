@@ -51,6 +51,7 @@ class EGBAD(GANDetector):
     rounded to a multiple of 4 (MNIST: 28x28, the paper's architecture)."""
 
     name = "egbad"
+    onnx_exportable = True
     _fitted_json = ("history_", "ema_steps_")
 
     def __init__(self, latent_dim: int = 200, score_variant: str = "fm", weight: float = 0.1,

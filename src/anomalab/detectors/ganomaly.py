@@ -52,6 +52,7 @@ class GANomaly(PairedGANDetector):
     square power-of-two size >= 16 (MNIST 28x28 is resized to 32x32, the official isize)."""
 
     name = "ganomaly"
+    onnx_exportable = True
 
     def __init__(self, latent_dim: int = 100, width: int = 64, w_adv: float = 1.0, w_con: float = 50.0,
                  w_enc: float = 1.0, epochs: int = 15, batch_size: int = 64, lr: float = 2e-4,

@@ -99,6 +99,7 @@ class Gaussian(BaseDetector):
     anomalous. score_map -> (N, H, W) per-position distances of the patch Gaussians."""
 
     name = "gaussian"
+    onnx_exportable = True
     _fitted_tensors = ("means_", "precisions_", "patch_mean_", "patch_precision_")
     _fitted_json = ("history_", "n_train_")
     score_batch_size = 8  # see batch_size
@@ -239,3 +240,21 @@ class Gaussian(BaseDetector):
         """images (N, C, H, W) -> (N, 9) Mahalanobis distance of each level 1..9 alone (the paper's level
         study); `score` sums the columns of `levels`."""
         return self._batched(self._level_distances, images, batch_size)
+
+    # ---- ONNX (anomalab.export) -----------------------------------------------------------------
+    def _onnx_forward(self, x: Tensor, maps: bool) -> tuple[Tensor, Tensor | None]:
+        """The scoring as a fixed graph: the distances of `_score_batch` and `_map_batch` written as matrix
+        products (ONNX Runtime cannot infer shapes through their broadcast einsum), the score in float64 as
+        in torch, batch-size free reshapes; the levels' features are computed once for both outputs."""
+        feats = self._features(x)
+        cols = []
+        for level in self.levels_:
+            diff = feats[level].mean((2, 3)).double() - self.level_mean_[level]
+            cols.append(((diff @ self.level_precision_[level]) * diff).sum(-1).clamp_min(0).sqrt())
+        scores = torch.stack(cols, 1).sum(1)
+        if not maps:
+            return scores, None
+        h, w = feats[min(self.patch_levels)].shape[-2:]
+        diff = (self._patch_features(feats).transpose(0, 1) - self.patch_mean_[:, None]).contiguous()  # (P, B, d)
+        sq = (torch.bmm(diff, self.patch_precision_) * diff).sum(-1)
+        return scores, sq.clamp_min(0).sqrt().T.reshape(-1, h, w)

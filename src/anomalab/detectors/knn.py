@@ -92,3 +92,32 @@ class KNN(BaseDetector):
         idx = self._neighbours(x)[1]
         nearest = self.train_features_[idx].mean(1).view_as(x)
         return (x - nearest).abs().mean(1)
+
+    # ---- ONNX (anomalab.export) -----------------------------------------------------------------
+    @property
+    def onnx_refusal(self) -> str | None:
+        """Why this knn cannot be exported (None: it can)."""
+        if self.embedder:
+            return ("knn on an embedding cannot be exported to ONNX: the embedding detector's scoring is not part "
+                    "of the graph; export a knn on pixels, or the embedding detector itself")
+        return None
+
+    def _onnx_forward(self, x: Tensor, maps: bool) -> tuple[Tensor, Tensor | None]:
+        """The scoring as a fixed graph: the distances of `_neighbours`, with cdist's matrix-product form
+        (|a|^2 - 2 a.b + |b|^2 as one product of augmented rows, as torch computes it) written out, because the
+        exporter turns cdist into the difference form, whose (N, M, D) intermediate does not fit in memory."""
+        f = self._features(x)
+        if self.metric == "cosine":
+            d = 1.0 - f @ self.train_features_.T
+        else:
+            t = self.train_features_
+            f_sq, t_sq = f.pow(2).sum(-1, keepdim=True), t.pow(2).sum(-1, keepdim=True)
+            a = torch.cat([f.mul(-2), f_sq, torch.ones_like(f_sq)], -1)
+            b = torch.cat([t, torch.ones_like(t_sq), t_sq], -1)
+            d = (a @ b.mT).clamp_min(0).sqrt()
+        dist, idx = d.topk(self.k, dim=1, largest=False)
+        scores = dist.clamp_min(0).mean(1)
+        if not maps:
+            return scores, None
+        nearest = self.train_features_[idx].mean(1).view_as(x)
+        return scores, (x - nearest).abs().mean(1)

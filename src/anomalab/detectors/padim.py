@@ -56,6 +56,7 @@ class PaDiM(BaseDetector):
     per-position Mahalanobis distances. Higher = more anomalous."""
 
     name = "padim"
+    onnx_exportable = True
     _fitted_tensors = ("channels_", "mean_", "precision_")
     _fitted_json = ("history_", "n_train_", "grid_")
 
@@ -168,3 +169,13 @@ class PaDiM(BaseDetector):
 
     def _score_batch(self, x: Tensor) -> Tensor:
         return self._map_batch(x).flatten(1).amax(1)
+
+    def _onnx_forward(self, x: Tensor, maps: bool) -> tuple[Tensor, Tensor]:
+        """Scores and maps as one fixed graph (anomalab.export): the map once, the score its maximum; batch-size
+        free reshapes and blur filters built for the fitted image size (constants of the graph)."""
+        z, (h, w) = self.embed_patches(x)
+        size = tuple(int(s) for s in self.input_shape_[1:])
+        d = mahalanobis(z, self.mean_, self.precision_).reshape(-1, 1, h, w)
+        amap = F.interpolate(d, size=size, mode="bilinear", align_corners=False)[:, 0]
+        amap = gaussian_blur(amap, float(self.sigma), size=size)
+        return amap.flatten(1).amax(1), amap

@@ -45,6 +45,7 @@ class PatchCore(BaseDetector):
     with `reweight=True`); score_map -> (N, H, W) smoothed patch distances. Higher = more anomalous."""
 
     name = "patchcore"
+    onnx_exportable = True
     _fitted_tensors = ("bank_",)
     _fitted_json = ("history_", "n_train_", "n_candidates_")
 
@@ -196,3 +197,62 @@ class PatchCore(BaseDetector):
         d = self._patch_scores(x)
         maps = F.interpolate(d[:, None], size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
         return gaussian_blur(maps, float(self.sigma))
+
+    # ---- ONNX (anomalab.export) -----------------------------------------------------------------
+    def _onnx_forward(self, x: Tensor, maps: bool, bank_chunk: int = 1024) -> tuple[Tensor, Tensor]:
+        """Scores and maps as one fixed graph: the bank is a constant; every patch's distance to its nearest
+        bank row is taken over blocks of `bank_chunk` rows with a running minimum (the same |a|^2 - 2 a.b + |b|^2
+        products as `nearest_neighbours`, without `max_nearest_distance`'s data-dependent pruning, which gives
+        the same largest distance); the channel pooling is a constant averaging matrix (the exporter cannot
+        write adaptive pooling of a traced shape); the blur filters are built for the fitted image size."""
+        levels = self.levels_
+        feats = self.backbone_.features(x, levels)
+        p = int(self.patch_size)
+        fmaps = [F.avg_pool2d(feats[level], p, stride=1, padding=p // 2, count_include_pad=True)
+                 if p > 1 else feats[level] for level in levels]
+        z = on_finest_grid(fmaps)
+        h, w = z.shape[-2:]
+        z = z.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        d = sum(int(self.backbone_.level_channels[level - 1]) for level in levels)
+        if self.projection_dim is not None and int(self.projection_dim) < d:
+            z = z @ _pool_matrix(d, int(self.projection_dim)).to(z)
+            d = int(self.projection_dim)
+        bank, bank_sq = self.bank_, self.bank_sq_
+        q = z.reshape(-1, d)
+        best = best_at = None
+        for j in range(0, int(bank.shape[0]), bank_chunk):
+            part = torch.addmm(bank_sq[None, j : j + bank_chunk], q, bank[j : j + bank_chunk].T, alpha=-2)
+            if not self.reweight:
+                v = part.amin(1)
+                best = v if best is None else torch.minimum(best, v)
+                continue
+            v, k = part.min(1)
+            if best is None:
+                best, best_at = v, k
+            else:
+                better = v < best
+                best, best_at = torch.where(better, v, best), torch.where(better, k + j, best_at)
+        patch = (best + (q * q).sum(1)).clamp_min(0).sqrt().reshape(-1, h * w)  # (B, h*w)
+        s_star, k = patch.max(1)
+        scores = s_star
+        if self.reweight:
+            m_test = z.gather(1, k[:, None, None].expand(-1, 1, d))[:, 0]  # the patch with the largest score
+            near = best_at.reshape(-1, h * w).gather(1, k[:, None])[:, 0]
+            m_star = bank[near]
+            b = min(int(self.reweight_neighbours), int(bank.shape[0]))
+            d_bank = torch.addmm(bank_sq[None], m_star, bank.T, alpha=-2)
+            neighbours = d_bank.topk(b, dim=1, largest=False).indices
+            dist = (m_test[:, None] - bank[neighbours]).norm(dim=-1)
+            scores = (1 - torch.exp(s_star - torch.logsumexp(dist, 1))) * s_star
+        size = tuple(int(s) for s in self.input_shape_[1:])
+        amap = F.interpolate(patch.reshape(-1, 1, h, w), size=size, mode="bilinear", align_corners=False)[:, 0]
+        return scores, gaussian_blur(amap, float(self.sigma), size=size)
+
+
+def _pool_matrix(channels: int, out: int) -> Tensor:
+    """(channels, out) matrix M with z @ M = adaptive average pooling of z's last axis to `out` bins."""
+    m = torch.zeros(channels, out)
+    for i in range(out):
+        start, end = (i * channels) // out, -(-((i + 1) * channels) // out)
+        m[start:end, i] = 1.0 / (end - start)
+    return m

@@ -38,6 +38,7 @@ class SkipGANomaly(PairedGANDetector):
     size >= 16 (MNIST 28x28 is resized to 32x32)."""
 
     name = "skip_ganomaly"
+    onnx_exportable = True
 
     def __init__(self, width: int = 64, w_adv: float = 1.0, w_con: float = 50.0, w_lat: float = 1.0,
                  lam: float = 0.9, epochs: int = 15, batch_size: int = 64, lr: float = 2e-4,

@@ -49,7 +49,7 @@ class BiGANGenerator(nn.Module):
         )
 
     def forward(self, z: Tensor) -> Tensor:
-        return self.deconv(self.dense(z).reshape(len(z), 128, self.h, self.w))
+        return self.deconv(self.dense(z).reshape(-1, 128, self.h, self.w))
 
 
 class BiGANDiscriminator(nn.Module):
@@ -69,4 +69,4 @@ class BiGANDiscriminator(nn.Module):
 
     def forward(self, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
         f = self.joint(torch.cat([self.x_path(x), self.z_path(z)], 1))
-        return self.head(f).reshape(len(x)), f
+        return self.head(f).reshape(-1), f

@@ -73,7 +73,7 @@ class DCDecoder(nn.Module):
         self.in_dim = in_dim
 
     def forward(self, z: Tensor) -> Tensor:
-        return self.main(z.reshape(len(z), self.in_dim, 1, 1))
+        return self.main(z.reshape(-1, self.in_dim, 1, 1))
 
 
 class DCDiscriminator(nn.Module):
@@ -86,4 +86,4 @@ class DCDiscriminator(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         f = self.features(x)
-        return self.head(f).reshape(len(x)), f
+        return self.head(f).reshape(-1), f

@@ -70,6 +70,8 @@ class Metric(BaseDetector):
     higher = more anomalous. score_map -> (N, H, W) Grad-CAM of that distance (captum)."""
 
     name = "metric"
+    onnx_exportable = True  # scores only: see onnx_no_maps
+    onnx_no_maps = "its maps are Grad-CAM, which needs gradients at scoring time: not a fixed graph"
     _fitted_tensors = ("train_embeddings_",)
     _fitted_json = ("history_", "num_classes_")
     score_batch_size = 16  # CPU: batches beyond ~16 get slower per image (memory-bound depthwise convs)
