@@ -8,10 +8,11 @@ A *cell* is one (data spec, detector, seed). For each cell, `fit_run` fits the d
 normal training images with the budget's parameters (`BUDGETS`), fits its threshold on normal images it
 did not train on, evaluates it on the spec's test set and writes the run folder
 `OUT/runs/<spec-name>/<detector>_s<seed>/` atomically, with its own report.html. Every cell runs in a fresh
-Python process (unless `isolate=False`), so its peak memory is its own: the `ru_maxrss` of that process
-(`resource.getrusage`), i.e. the largest resident set it reached while importing, loading the data,
-fitting, calibrating, evaluating and drawing its figures; the resident set measured once the imports are
-done (`base_rss_mb`) is recorded beside it.
+Python process (unless `isolate=False`), so its peak memory is its own: the high-water mark of that
+process's resident set (`VmHWM` in /proc/self/status on Linux, where a child's `ru_maxrss` would start at
+its parent's peak; `resource.getrusage` ru_maxrss elsewhere), i.e. the largest resident set it reached while
+importing, loading the data, fitting, calibrating, evaluating and drawing its figures; the same mark once
+the imports are done (`base_rss_mb`) is recorded beside it.
 
 Finished cells are appended at once to `OUT/results.jsonl` (a `ResultStore` keyed by data, detector, seed
 and budget), so an interrupted comparison continues where it stopped; a finished cell is fitted again only
@@ -277,10 +278,19 @@ def fit_cell(cell: dict) -> dict:
 
 
 def _max_rss_mb() -> float:
+    """This process's peak resident set in MiB: VmHWM of /proc/self/status where there is one (Linux: the
+    high-water mark of this process's own address space; its ru_maxrss would start at the parent's peak at
+    fork), else ru_maxrss (bytes on macOS)."""
     import resource
 
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 
 
 def _child(argv: Sequence[str]) -> int:
@@ -831,12 +841,16 @@ def leaderboard_md(board: dict) -> str:
             "fit s", "images/s", "peak MB", "model MB", "note"]
 
     cats = [t["name"] for t in board["tables"]]
+    pixel = any(e["pixel_auroc"] is not None for t in board["tables"] for e in t["rows"])
+    if not pixel:
+        head = [h for h in head if h not in ("pixel AUROC", "AUPRO")]
 
     def row(i: int, e: dict) -> str:
         peak = e["peak_rss_mb"]
         per = [_f3(e["by_category"].get(c)) for c in cats] if "by_category" in e else []
-        cells = [str(i), e["detector"], _seeds(e), _ms(e["image_auroc"]), *per, _ms(e["aupr"]), _ms(e["pixel_auroc"]),
-                 _ms(e["aupro"]), _ms(e["false_alarm_rate"], 1, 100) + (" %" if e["false_alarm_rate"] else ""),
+        pixels = [_ms(e["pixel_auroc"]), _ms(e["aupro"])] if pixel else []
+        cells = [str(i), e["detector"], _seeds(e), _ms(e["image_auroc"]), *per, _ms(e["aupr"]), *pixels,
+                 _ms(e["false_alarm_rate"], 1, 100) + (" %" if e["false_alarm_rate"] else ""),
                  _ms(e["catch_rate"], 1, 100) + (" %" if e["catch_rate"] else ""), _num(e["fit_s"]),
                  _num(e["score_images_per_s"], 0), "" if peak is None else f"{max(peak['values']):.0f}",
                  _num(e["model_bytes"], 2, 1 / 2**20), e.get("note", "")]
@@ -1011,7 +1025,7 @@ COLUMNS = [
               "evaluation and the figures are not included)."),
     ("images/s scored", "test images scored per second (image scores, no maps), in one process with this machine's "
                         "torch threads."),
-    ("peak MB", "largest resident set (ru_maxrss) of the cell's own process, the worst over seeds: Python, torch "
+    ("peak MB", "largest resident set (VmHWM) of the cell's own process, the worst over seeds: Python, torch "
                 "and the detector's code (the base above), the data, fitting, calibration, evaluation and figures. "
                 "Empty when the cells ran in-process."),
     ("model MB", "size of the saved detector folder (weights and JSON) on disk."),
