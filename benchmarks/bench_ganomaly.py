@@ -7,7 +7,8 @@
      step) - the usual way to write it;
    - "plain, same step, channels_last": the same with the channels_last memory format, as `fit` trains.
    FLOPs per image (torch.utils.flop_counter) of each step and the achieved GFLOP/s.
-2. AnoGAN scoring: one Adam over the (N, nz) latents of a whole batch vs one image at a time.
+2. AnoGAN scoring: one Adam over the (N, nz) latents of a whole batch vs one image at a time, each with
+   and without BatchNorm folded into the convs (what `AnoGAN.search` runs: anomalab.nets.fold).
 
 Runs are interleaved (order reversed every other round) and repeated; the median is reported. Load
 average is printed: on a shared machine compare ratios, not absolute numbers.
@@ -31,6 +32,7 @@ from anomalab.data.mnist import load_mnist  # noqa: E402
 from anomalab.detectors.anogan import AnoGAN, latent_search  # noqa: E402
 from anomalab.detectors.ganomaly import GANomaly, GanomalyGenerator  # noqa: E402
 from anomalab.nets.dcgan import DCDiscriminator, dcgan_init  # noqa: E402
+from anomalab.nets.fold import fold_batchnorm  # noqa: E402
 
 SIZE, NZ, WIDTH, BATCH = 32, 100, 64, 64
 
@@ -113,11 +115,22 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--anogan-images", type=int, default=32)
     p.add_argument("--anogan-steps", type=int, default=20)
+    p.add_argument("--anogan-batches", type=int, nargs="+", default=[32, 128, 512],
+                   help="search batch sizes to time (AnoGAN.score_batch_size)")
+    p.add_argument("--only", choices=("ganomaly", "anogan"), default=None, help="run one of the two parts")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"threads {args.threads}, torch {torch.__version__}, load average at start {os.getloadavg()}")
     mnist = load_mnist()
     images = mnist.images[mnist.classes != 0][: args.images].contiguous()
+    if args.only != "anogan":
+        ganomaly_part(images, args)
+    if args.only != "ganomaly":
+        anogan_part(images, args)
+    print(f"load average at end {os.getloadavg()}")
+
+
+def ganomaly_part(images, args) -> None:
     n = len(images)
 
     def ours():
@@ -153,7 +166,10 @@ def main() -> None:
     print(f"ratio fit / plain official step:              {ours_rate / rate['plain, official step']:.3f}")
     print(f"ratio channels_last / default layout (plain): {cl / rate['plain, same step']:.3f}")
 
-    # AnoGAN: batched vs sequential latent search on the same queries, same initial z.
+
+
+def anogan_part(images, args) -> None:
+    """AnoGAN: batched vs sequential latent search on the same queries, same initial z."""
     det = AnoGAN(epochs=1, batch_size=BATCH)
     det.progress = False
     det.fit(images[:256])
@@ -163,21 +179,52 @@ def main() -> None:
     x = F.interpolate(images[: args.anogan_images], size=(SIZE, SIZE), mode="bilinear") * 2 - 1
     z0 = torch.randn(len(x), NZ, generator=torch.Generator().manual_seed(0))
     feats = lambda t: d(t)[1]  # noqa: E731
-    batched, sequential = [], []
-    for _ in range(args.repeats):
-        batched.append(timed(lambda: latent_search(g, feats, x, z0, args.anogan_steps)))
-        sequential.append(timed(lambda: [latent_search(g, feats, x[i : i + 1], z0[i : i + 1], args.anogan_steps)
-                                         for i in range(len(x))]))
-    b, s = statistics.median(batched), statistics.median(sequential)
+    gf, ff = fold_batchnorm(g), fold_batchnorm(d.features)  # what AnoGAN.search runs
+    ways = {  # name -> one timed call over all queries
+        "one query at a time": lambda: [latent_search(g, feats, x[i : i + 1], z0[i : i + 1], args.anogan_steps)
+                                        for i in range(len(x))],
+        "one query at a time, BatchNorm folded": lambda: [latent_search(gf, ff, x[i : i + 1], z0[i : i + 1],
+                                                                        args.anogan_steps) for i in range(len(x))],
+        "batched": lambda: latent_search(g, feats, x, z0, args.anogan_steps),
+        "batched, BatchNorm folded (AnoGAN.search)": lambda: latent_search(gf, ff, x, z0, args.anogan_steps),
+    }
+    times: dict[str, list[float]] = {k: [] for k in ways}
+    for r in range(args.repeats):
+        for name in (list(ways) if r % 2 == 0 else list(ways)[::-1]):
+            times[name].append(timed(ways[name]))
+    med = {k: statistics.median(v) for k, v in times.items()}
     per = args.anogan_images * args.anogan_steps
     print(f"\nAnoGAN latent search, {args.anogan_images} queries x {args.anogan_steps} Adam steps (median of "
-          f"{args.repeats}):")
-    print(f"  batched    {per / b:8.1f} image-steps/s  ({b:.2f} s)")
-    print(f"  sequential {per / s:8.1f} image-steps/s  ({s:.2f} s)")
+          f"{args.repeats}, interleaved):")
+    for name, t in med.items():
+        print(f"  {name:42s} {per / t:8.1f} image-steps/s  ({t:.2f} s)")
+    base = med["one query at a time"]
+    print(f"ratio batched / one at a time: {base / med['batched']:.1f}x; batched with BatchNorm folded / one at a "
+          f"time: {base / med['batched, BatchNorm folded (AnoGAN.search)']:.1f}x; folding alone (batched): "
+          f"{med['batched'] / med['batched, BatchNorm folded (AnoGAN.search)']:.2f}x, (one at a time): "
+          f"{base / med['one query at a time, BatchNorm folded']:.2f}x")
+    zz = z0[:1].clone().requires_grad_(True)
+    with FlopCounterMode(display=False) as fc:  # one image-step: G, D features of G(z), backward to z
+        xh = gf(zz)
+        ((xh - x[:1]).abs().sum() + (ff(xh) - ff(x[:1])).abs().sum()).backward(inputs=[zz])
+    gflop = fc.get_total_flops() / 1e9
+    best = per / med["batched, BatchNorm folded (AnoGAN.search)"]
+    print(f"FLOPs per image-step {gflop:.3f} GFLOP: batched folded {best * gflop:.0f} GFLOP/s, one at a time "
+          f"{per / base * gflop:.0f} GFLOP/s ({args.threads} thread(s))")
+    # the search's batch size (AnoGAN.score_batch_size): many queries cut into batches of bs
+    many = F.interpolate(images[: max(args.anogan_batches)], size=(SIZE, SIZE), mode="bilinear") * 2 - 1
+    zm = torch.randn(len(many), NZ, generator=torch.Generator().manual_seed(0))
+    steps = max(2, args.anogan_steps // 4)
+    chunked = {bs: [] for bs in args.anogan_batches}
+    for r in range(args.repeats):
+        for bs in (args.anogan_batches if r % 2 == 0 else args.anogan_batches[::-1]):
+            chunked[bs].append(timed(lambda bs=bs: [latent_search(gf, ff, many[i : i + bs], zm[i : i + bs], steps)
+                                                    for i in range(0, len(many), bs)]))
+    print(f"{len(many)} queries x {steps} steps cut into batches of: " + ", ".join(
+        f"{bs}: {len(many) * steps / statistics.median(t):.0f} image-steps/s" for bs, t in chunked.items()))
     per_query = 500 / args.anogan_steps / args.anogan_images  # seconds per query at the paper's 500 steps
-    print(f"ratio batched / sequential: {s / b:.1f}x;  at 500 steps one query costs {b * per_query:.2f} s batched, "
-          f"{s * per_query:.2f} s alone")
-    print(f"load average at end {os.getloadavg()}")
+    print(f"at 500 steps one query costs {med['batched, BatchNorm folded (AnoGAN.search)'] * per_query:.2f} s "
+          f"in AnoGAN.search, {base * per_query:.2f} s alone")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ CONTRACT_PARAMS: dict[str, dict] = {
     "pca": dict(n_components=8),
     "anogan": dict(latent_dim=8, width=8, epochs=20, batch_size=4, lr=5e-3, n_steps=30, latent_lr=0.1),
     "egbad": dict(latent_dim=16, epochs=8, batch_size=8, lr=3e-3),  # 4 epochs separate only at some thread counts
-    "ganomaly": dict(latent_dim=16, width=8, epochs=10, batch_size=8, lr=5e-3),
+    "ganomaly": dict(latent_dim=16, width=8, epochs=20, batch_size=8, lr=1e-3),
     "skip_ganomaly": dict(width=8, epochs=10, batch_size=8, lr=2e-3),
     "gaussian": dict(image_size=64),
     "metric": dict(image_size=32, embedding_dim=16, train_blocks=2, epochs=3, batch_size=16),

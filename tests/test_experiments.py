@@ -47,11 +47,33 @@ def test_gan_mnist_resume_skips_finished_cells(tmp_path, monkeypatch):
     gan_mnist.main(["--out", str(tmp_path), *TINY])
     (row,) = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert (row["detector"], row["digit"], row["seed"]) == ("ganomaly", 0, 0)
-    assert row["budget"] == "epochs=1 latent_dim=8 test_limit=40 train_limit=64 width=8"
+    assert row["budget"] == "epochs=1 bn_recalibrate=True latent_dim=8 test_limit=40 train_limit=64 width=8"
     assert row["n_train"] == 64 and row["n_test"] == 40 and row["steps"]
     assert (tmp_path / "results.md").is_file() and (tmp_path / "auroc_bars.png").is_file()
     monkeypatch.setattr(gan_mnist, "run_cell", lambda *a, **k: pytest.fail("a finished cell ran again"))
     assert gan_mnist.main(["--out", str(tmp_path), *TINY])["rows"] == 1
+
+
+def test_gan_bn_defaults_scores_each_milestone_under_each_treatment_and_resumes(tmp_path, monkeypatch):
+    from anomalab.experiments import gan_bn_defaults as bn
+
+    monkeypatch.setattr(bn, "ANOGAN", {"n_steps": 2, "test_limit": 40})
+    args = ["--out", str(tmp_path), "--digits", "0", "--milestones", "1", "2", "--train-limit", "64"]
+    bn.main([*args, "--detectors", "ganomaly", "anogan"])
+    rows = {r["detector"]: r for r in map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())}
+    assert [p["epochs"] for p in rows["ganomaly"]["points"]] == [1, 2]
+    assert set(rows["ganomaly"]["points"][0]["auroc"]) == {"running averages", "re-estimated", "test batches"}
+    assert set(rows["anogan"]["points"][1]["auroc"]) == {"running averages", "re-estimated"}  # GANomaly only
+    assert rows["anogan"]["n_test"] == 40 and rows["ganomaly"]["n_train"] == 64
+    fit = [p["fit_s"] for p in rows["ganomaly"]["points"]]
+    assert 0 < fit[0] < fit[1]
+    text = (tmp_path / "results.md").read_text()
+    assert "re-estimated (default)" in text and "test batches (uses test labels)" in text
+    assert (tmp_path / "bn_defaults.png").stat().st_size > 10_000
+    monkeypatch.setattr(bn, "run_cell", lambda *a, **k: pytest.fail("a finished cell ran again"))
+    assert bn.main([*args, "--detectors", "ganomaly"])["rows"] == 2
+    with pytest.raises(SystemExit):
+        bn.main([*args[:4], "--milestones", "5", "1"])  # not increasing
 
 
 @pytest.mark.parametrize("item, message", [
@@ -85,7 +107,9 @@ def test_budget_tags_match_the_rows_of_earlier_runs():
         {"bn_recalibrate": True}, {}, "epochs=paper bn_recalibrate=True")
     params, limits, budget = gan_mnist.plan("anogan", 15, sets["anogan"])
     assert params == {"n_steps": 50, "latent_lr": 0.05, "epochs": 15} and limits == {"test_limit": 100}
-    assert budget == "epochs=15 latent_lr=0.05 n_steps=50 test_limit=100"
+    assert budget == "epochs=15 bn_recalibrate=True latent_lr=0.05 n_steps=50 test_limit=100"
+    assert gan_mnist.plan("egbad", None, {})[2] == "epochs=paper bn_recalibrate=True"  # default named
+    assert gan_mnist.plan("egbad", None, {"bn_recalibrate": False})[2] == "epochs=paper bn_recalibrate=False"
     assert gan_mnist.plan("knn", None, sets["knn"])[2] == "k=3"
     assert gan_mnist.plan("pca", None, {})[2] == "default"
 
@@ -117,7 +141,7 @@ def test_continual_cells_are_keyed_by_their_settings(tmp_path):
     again = open_store(tmp_path, continual_mnist.KEY)  # read back from the JSON lines
     key = {"strategy": "ewc", "seed": 0, "settings": continual_mnist.settings_key(args, "ewc")}
     assert again.get(key)["auroc"] == [0.5]
-    other = continual_mnist.parse_args(["--out", str(tmp_path), "--strategies", "ewc", "--ewc-lambda", "1"])
+    other = continual_mnist.parse_args(["--out", str(tmp_path), "--strategies", "ewc", "--ewc-lambda", "1000"])
     assert again.get({**key, "settings": continual_mnist.settings_key(other, "ewc")}) is None
 
 

@@ -125,3 +125,89 @@ def test_bn_recalibration_averages_training_batches_with_final_weights():
         h = enc[:3](to_signed(x))  # the input of encoder1's first BatchNorm, final weights
     torch.testing.assert_close(bn.running_mean, h.mean((0, 2, 3)), rtol=1e-4, atol=1e-6)
     assert bn.momentum == 0.1 and int(bn.num_batches_tracked) == 2
+
+
+def _no_dropout_train(net):
+    net.train()
+    for m in net.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.eval()
+    return net
+
+
+@pytest.mark.parametrize("name", ["ganomaly", "skip_ganomaly", "egbad", "anogan"])
+def test_bn_recalibration_is_the_default_and_recomputes_the_discriminators_statistics(name):
+    """Every BN-using GAN re-estimates its BatchNorm statistics after training by default: the first
+    BatchNorm of the (test-time) discriminator holds the mean over the recalibration's forward passes
+    (real batches and the step's fakes, in order) of its inputs, recomputed here from the final weights;
+    with bn_recalibrate=False (negative control) it does not."""
+    from anomalab.registry import create
+
+    kw = {"ganomaly": {"latent_dim": 4, "width": 4}, "skip_ganomaly": {"width": 4},
+          "egbad": {"latent_dim": 4}, "anogan": {"latent_dim": 4, "width": 4, "n_steps": 2}}[name]
+    x = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    means = {}
+    for recal in (True, False):
+        det = create(name, epochs=1, batch_size=4, seed=3, **kw, **({} if recal else {"bn_recalibrate": False}))
+        assert det.bn_recalibrate is recal
+        det.progress = False
+        det.fit(x)
+        if name == "egbad":
+            e, g, d = (_no_dropout_train(n) for n in (det.encoder_ema_, det.generator_ema_, det.discriminator_ema_))
+            first, bn = d.x_path[:4], d.x_path[4]
+        else:
+            g, d = _no_dropout_train(det.generator_), _no_dropout_train(det.discriminator_)
+            first, bn = d.features[:3], d.features[3]
+        latent = torch.Generator().manual_seed(3)
+        inputs = []
+        with torch.no_grad():
+            for b in (to_signed(x[:4]), to_signed(x[4:])):
+                z = torch.randn(len(b), kw.get("latent_dim", 1), generator=latent)
+                fake = g(b)[0] if name == "ganomaly" else g(b) if name == "skip_ganomaly" else g(z)
+                inputs += [first(b), first(fake)]
+        expected = torch.stack([h.mean((0, 2, 3)) for h in inputs]).mean(0)
+        means[recal] = (bn.running_mean.clone(), expected)
+        if recal:
+            torch.testing.assert_close(bn.running_mean, expected, rtol=1e-4, atol=1e-5)
+            assert bn.momentum == 0.1 and int(bn.num_batches_tracked) == 4
+    running, expected = means[False]
+    assert not torch.allclose(running, expected, rtol=1e-3, atol=1e-4)  # training's running averages differ
+
+
+def test_folded_batchnorm_nets_compute_the_same_function_and_search():
+    from anomalab.detectors.anogan import AnoGAN
+    from anomalab.nets.fold import fold_batchnorm
+
+    torch.manual_seed(0)
+    g, d = DCDecoder(16, 1, 8, 8).eval(), DCDiscriminator(16, 1, 8).eval()
+    for m in [*g.modules(), *d.modules()]:
+        if isinstance(m, torch.nn.BatchNorm2d):  # statistics far from the identity, so folding matters
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.3, 3.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_()
+    gf, ff = fold_batchnorm(g), fold_batchnorm(d.features)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in [*gf.modules(), *ff.modules()])
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in g.modules()) == 2  # the originals are untouched
+    z, x = torch.randn(5, 8), torch.rand(5, 1, 16, 16) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(gf(z), g(z), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ff(x), d(x)[1], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(torch.nn.Sequential(*[m for m in g.main if not isinstance(m, torch.nn.BatchNorm2d)])(
+            z.reshape(-1, 8, 1, 1)), g(z), atol=1e-3)  # negative control: dropping BatchNorm is another function
+    z0 = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    for p in [*g.parameters(), *d.parameters()]:
+        p.requires_grad_(False)
+    plain = latent_search(g, lambda t: d(t)[1], x, z0, 10)
+    folded = latent_search(gf, ff, x, z0, 10)
+    torch.testing.assert_close(folded[1], plain[1], rtol=1e-4, atol=1e-4)
+    det = AnoGAN(latent_dim=8, width=8, n_steps=10, epochs=1, batch_size=4)
+    det.progress = False
+    det.fit(torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(1)))
+    imgs = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    g2, d2 = det.generator_.eval(), det.discriminator_.eval()
+    for p in [*g2.parameters(), *d2.parameters()]:
+        p.requires_grad_(False)
+    z1 = torch.randn(3, 8, generator=torch.Generator().manual_seed(det.seed))
+    expected = latent_search(g2, lambda t: d2(t)[1], imgs * 2 - 1, z1, 10)[1]
+    torch.testing.assert_close(det.score(imgs), expected, rtol=1e-4, atol=1e-4)

@@ -75,3 +75,51 @@ def test_without_patch_levels_there_is_no_map(tiny_case):
         det.score_map(test.images[:2])
     with pytest.raises(ValueError, match="levels"):
         Gaussian(levels=(0, 3)).fit(train)
+
+
+def test_map_max_image_score_is_the_largest_patch_distance():
+    """image_score="map_max": each image's score is the maximum of its patch-map distances, recomputed
+    here from the fitted patch Gaussians; the paper's default (sum over levels) is another score."""
+    import torch
+
+    from anomalab.errors import ParameterError
+    from anomalab.registry import create
+
+    g = torch.Generator().manual_seed(0)
+    train, test = torch.rand(12, 3, 64, 64, generator=g), torch.rand(3, 3, 64, 64, generator=g)
+    det = create("gaussian", image_size=64, image_score="map_max")
+    det.progress = False
+    det.fit(train)
+    from anomalab.data.transforms import prepare
+
+    with torch.no_grad():
+        feats = det._features(prepare(test, det.input_shape_))
+        f = det._patch_features(feats).double()  # (N, P, d)
+    diff = f - det.patch_mean_.double()
+    d = torch.einsum("npi,pij,npj->np", diff, det.patch_precision_.double(), diff).clamp_min(0).sqrt()
+    torch.testing.assert_close(det.score(test).double(), d.amax(1), rtol=1e-4, atol=1e-5)
+    paper = create("gaussian", image_size=64)
+    paper.progress = False
+    paper.fit(train)
+    assert not torch.allclose(paper.score(test).double(), det.score(test).double(), rtol=1e-2)
+    with pytest.raises(ParameterError, match="image_score must be"):
+        create("gaussian", image_score="max").fit(train)
+    with pytest.raises(ParameterError, match="needs the patch map"):
+        create("gaussian", image_score="map_max", patch_levels=None).fit(train)
+
+
+def test_a_wider_backbone_fits_scores_and_reloads(tmp_path):
+    """EfficientNet-Lite2's levels are wider than Lite0's: the per-level Gaussians take its widths."""
+    import anomalab
+
+    g = torch.Generator().manual_seed(0)
+    train, test = torch.rand(6, 3, 64, 64, generator=g), torch.rand(2, 3, 64, 64, generator=g)
+    det = anomalab.create("gaussian", image_size=64, backbone="effnet_lite2")
+    det.progress = False
+    det.fit(train)
+    widths = det.backbone_.level_channels
+    assert widths != (32, 16, 24, 40, 80, 112, 192, 320, 1280)  # not Lite0's
+    assert [len(det.level_mean_[level]) for level in sorted(det.level_mean_)] == list(widths)
+    det.save(tmp_path / "g")
+    again = anomalab.load(tmp_path / "g")
+    assert torch.equal(again.score(test), det.score(test))

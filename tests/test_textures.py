@@ -67,3 +67,50 @@ def test_unknown_category_and_defect(tmp_path):
         make_textures(tmp_path, categories=("wood",), n_train=1)
     with pytest.raises(ValueError, match="unknown defect"):
         make_textures(tmp_path, defects=("crack",))
+
+
+def test_strided_split_is_every_grid_window_of_each_half(tmp_path):
+    from anomalab.data.textures import make_strided
+    from anomalab.errors import ParameterError, RunFolderError
+
+    root = make_strided(tmp_path, crop=128, train_stride=64, test_stride=64, seed=3)
+    assert root == tmp_path / "brick_strided"
+    train, test = load_mvtec(tmp_path, "brick_strided", "train"), load_mvtec(tmp_path, "brick_strided", "test")
+    photo = texture_photo("brick")
+    # top half (256 rows), 64 px grid: 3 x 7 windows; bottom half: the same count
+    assert len(train) == 21 and len(test) == 21 and train.images.shape[-2:] == (128, 128)
+    first = np.asarray(train.images[0, 0])
+    np.testing.assert_allclose(first, photo[:128, :128], atol=1 / 255 + 1e-6)  # the window at (0, 0)
+    bottom = [photo[y : y + 128, x : x + 128] for y in range(256, 385, 64) for x in range(0, 385, 64)]
+    info = json.loads((root / "textures.json").read_text())
+    bad = {int(k): v for k, v in info["defective"].items()}
+    assert len(bad) == 10 and set(bad.values()) == {"scratch", "blob"} and info["test_rows"] == [256, 512]
+    good = [i for i in range(21) if i not in bad]
+    names = sorted((root / "test" / "good").iterdir())
+    assert [int(p.stem) for p in names] == good
+    for p in names[:3]:  # a good test crop is its bottom-half window, unchanged
+        from PIL import Image
+
+        np.testing.assert_allclose(np.asarray(Image.open(p), dtype=np.float32) / 255, bottom[int(p.stem)],
+                                   atol=1 / 255 + 1e-6)
+    assert test.masks[test.labels == 1].flatten(1).amax(1).min() > 0 and test.masks[test.labels == 0].sum() == 0
+    again = make_strided(tmp_path / "b", crop=128, train_stride=64, test_stride=64, seed=3)
+    assert json.loads((again / "textures.json").read_text())["defective"] == info["defective"]  # seeded
+    with pytest.raises(RunFolderError):
+        make_strided(tmp_path, crop=128, train_stride=64, test_stride=64)
+    with pytest.raises(ParameterError, match="unknown defect"):
+        make_strided(tmp_path / "c", defects=("dent",))
+
+
+def test_a_category_is_the_same_whether_built_alone_or_with_the_others(tmp_path):
+    kw = dict(size=32, n_train=3, n_test_good=2, n_test_per_defect=1)
+    make_textures(tmp_path / "all", **kw)
+    make_textures(tmp_path / "one", categories=("gravel",), **kw)
+    a = sorted((tmp_path / "all" / "gravel").rglob("*.png"))
+    b = sorted((tmp_path / "one" / "gravel").rglob("*.png"))
+    assert [p.relative_to(tmp_path / "all") for p in a] == [p.relative_to(tmp_path / "one") for p in b]
+    assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b))
+    # negative control: another seed gives other files
+    make_textures(tmp_path / "other", categories=("gravel",), seed=1, **kw)
+    c = sorted((tmp_path / "other" / "gravel").rglob("*.png"))
+    assert any(x.read_bytes() != y.read_bytes() for x, y in zip(a, c))

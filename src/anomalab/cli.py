@@ -40,7 +40,9 @@ class Group(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise  # click's own flow (--help, usage errors): it prints and exits itself
         except (UserError, *PATH_ERRORS) as e:
-            click.echo(f"error: {e}", err=True)
+            dist = sys.modules.get("anomalab.distributed")  # loaded where ranks run (no torch import here)
+            if dist is None or not isinstance(e, dist.DistributedError):  # under torchrun: printed by the failing rank
+                click.echo(f"error: {e}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted: nothing was written for the unfinished step", err=True)
@@ -51,6 +53,9 @@ class Group(click.Group):
             click.echo(f"error: this is a bug in anomalab ({type(e).__name__}: {e}); "
                        "run again with -v for the traceback and report it", err=True)
             sys.exit(1)
+        finally:
+            if "anomalab.distributed" in sys.modules:
+                sys.modules["anomalab.distributed"].shutdown()
 
 
 def _command_line() -> str:
@@ -88,6 +93,28 @@ def main(ctx, threads: int | None, verbose: bool) -> None:
         import torch
 
         torch.set_num_threads(threads)
+    if os.environ.get("RANK") is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _join_torchrun(ctx.invoked_subcommand)
+
+
+def _join_torchrun(command: str | None) -> None:
+    """Under torchrun (several ranks): refuse, in one line, the commands that do not run distributed; else join
+    the process group, with the logs of ranks other than 0 kept to errors (docs/distributed.md)."""
+    from anomalab import distributed
+    from anomalab.errors import NotSupportedError
+
+    if command not in distributed.DISTRIBUTED_COMMANDS:
+        hint = ("; split it over processes with --shard K/N instead" if command == "predict" else "")
+        runs = " and ".join(f"`anomalab {c}`" for c in distributed.DISTRIBUTED_COMMANDS)
+        error = NotSupportedError(f"`anomalab {command}` does not run under torchrun ({runs} do){hint}")
+        if int(os.environ["RANK"]) != 0:
+            raise distributed.DistributedError(f"rank 0: {error}")
+        raise error
+    distributed.init()
+    if distributed.rank() != 0:
+        logging.getLogger().setLevel(logging.ERROR)
+        for name in ("anomalab.progress", "anomalab.train.epochs"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 @main.command("list")
@@ -97,6 +124,7 @@ def list_cmd() -> None:
 
     for name in list_detectors():
         doc, defaults = describe(name)  # read from the source: nothing is imported
+        doc = _whole_sentence(doc)
         params = ", ".join(f"{p}={v!r}" for p, v in defaults.items())
         click.echo(f"{name:15s} {doc}\n{'':15s} {params}")
 
@@ -150,8 +178,13 @@ def _detector_or_recommendation(ctx: click.Context, param: click.Parameter, valu
                    "and write --out as a new run (this run is only read). See docs/continual.md.")
 @click.option("--strategy", type=click.Choice(["finetune", "replay", "ewc", "joint"]), default=None,
               help="with --continue-from: how to keep earlier tasks (default: the old run's, else replay).")
+@click.option("--tile", type=int, default=None, metavar="PIXELS",
+              help="fit and score on overlapping PIXELS x PIXELS tiles of the full-resolution images (image score: "
+                   "max over the tiles; maps stitched at the image's own size). The run keeps it. See docs/tiling.md.")
+@click.option("--overlap", type=int, default=0, show_default=True, metavar="PIXELS",
+              help="with --tile: pixels shared by neighbouring tiles, in [0, tile).")
 def fit(detector, params, data, out, max_fpr, calib_frac, calib_folds, overwrite, no_figures, continue_from,
-        strategy) -> None:
+        strategy, tile, overlap) -> None:
     """Fit DETECTOR on the normal images of --data and write a run folder.
 
     PARAMS are detector parameters as key=value, e.g. `anomalab fit vae --data mnist:anomaly=0
@@ -167,6 +200,9 @@ def fit(detector, params, data, out, max_fpr, calib_frac, calib_folds, overwrite
     values = parse_items(params, what="detector parameter")
     if strategy and not continue_from:
         raise ParameterError("--strategy needs --continue-from RUN_DIR (the run to update)")
+    if continue_from and (tile is not None or overlap):
+        raise ParameterError("--tile/--overlap cannot be given with --continue-from (continual learning does not "
+                             "support tiled runs)")
     frac_given = click.get_current_context().get_parameter_source("calib_frac") == ParameterSource.COMMANDLINE
     if calib_folds is not None and calib_folds >= 2 and (frac_given or continue_from):
         raise ParameterError("--calib-folds cross-fits the threshold on every training image; give it without "
@@ -181,7 +217,9 @@ def fit(detector, params, data, out, max_fpr, calib_frac, calib_folds, overwrite
     else:
         det, ev, run = fit_run(detector, values, data, out, max_fpr=max_fpr, calib_frac=calib_frac,
                                calib_folds=calib_folds, overwrite=overwrite, command=_command_line(),
-                               figures=not no_figures)
+                               figures=not no_figures, tile=tile, overlap=overlap)
+        if run is None:  # a rank other than 0 under torchrun: rank 0 writes and reports
+            return
     click.echo(f"fitted {detector} -> {run}/detector "
                f"(threshold {det.threshold_.value:.5g} at max FPR {max_fpr})")
     _echo_calibration(run)
@@ -204,17 +242,23 @@ def score(run_dir, images, fmt, out, strict, shard, overwrite) -> None:
 
     Each file is read at its own size and brought to the detector's input size on its own, so a file's
     score does not depend on the other files; files are scored in chunks (bounded memory), and
-    `--shard 0/4` ... `--shard 3/4` split them over four processes whose outputs join to the full result."""
-    from anomalab import scoring
+    `--shard 0/4` ... `--shard 3/4` split them over four processes whose outputs join to the full result.
+    Run by torchrun on N processes, the N ranks score disjoint shards and rank 0 writes the merged result,
+    in the input order (docs/distributed.md)."""
+    from anomalab import distributed, scoring
     from anomalab.registry import load
     from anomalab.runs.atomic import write_file_atomic
     from anomalab.runs.outputs import check_output_file
 
-    if out:
-        check_output_file(out, overwrite=overwrite, inputs=[run_dir, *images])
-    det = load(run_dir)
-    files = scoring.shard(scoring.collect_files(images), shard)
-    rows = list(scoring.iter_scores(det, files, on_error="raise" if strict else "skip"))
+    def checked():
+        if out and distributed.rank() == 0:
+            check_output_file(out, overwrite=overwrite, inputs=[run_dir, *images])
+        return load(run_dir), scoring.shard(scoring.collect_files(images), shard)
+
+    det, files = distributed.agree(checked)
+    rows = scoring.merged_rows(det, files, on_error="raise" if strict else "skip")
+    if rows is None:  # a rank other than 0 under torchrun: rank 0 writes
+        return
     text = scoring.format_rows(rows, fmt, det.threshold_)
     if out:
         write_file_atomic(out, text)
@@ -342,7 +386,7 @@ def report(run_dirs, out, title, overwrite) -> None:
     click.echo(f"report: {write_report([r.path for r in runs], out, title=title)}")
 
 
-@main.command(context_settings={"ignore_unknown_options": False})
+@main.command()
 @click.argument("more_seeds", nargs=-1, metavar="")
 @click.option("--data", "data", multiple=True, required=True,
               help="data spec with a test set (repeat for several categories): mnist:anomaly=0, textures:brick, an "
@@ -360,12 +404,15 @@ def report(run_dirs, out, title, overwrite) -> None:
 @click.option("--overwrite", is_flag=True, help="start over: replace a folder compare wrote (never another).")
 @click.option("--refit", is_flag=True, help="fit every cell again, even those already finished.")
 @click.option("--retry-failed", is_flag=True, help="fit the cells that failed before again.")
+@click.option("--refit-stale", is_flag=True,
+              help="fit again the finished cells whose detector was fitted with other parameters than this "
+                   "version's (a default that changed).")
 @click.option("--min-speed", default=20.0, show_default=True, type=float,
               help="speed budget of the recommendation: test images scored per second.")
 @click.option("--no-figures", is_flag=True, help="skip the runs' PNG figures (their reports keep the tables).")
 @click.option("--in-process", is_flag=True, help="run every cell in this process (faster start, no peak memory).")
-def compare(more_seeds, data, detectors, family, budget, seeds, out, overwrite, refit, retry_failed, min_speed,
-            no_figures, in_process) -> None:
+def compare(more_seeds, data, detectors, family, budget, seeds, out, overwrite, refit, retry_failed, refit_stale,
+            min_speed, no_figures, in_process) -> None:
     """Fit every detector on the normal images of each --data, evaluate on its test set, and write one
     leaderboard: OUT/leaderboard.html (self-contained), .json, .csv, .md; each run's folder, with its own
     report, under OUT/runs/<data>/<detector>_s<seed>/. Rerunning the same command continues an interrupted
@@ -383,8 +430,9 @@ def compare(more_seeds, data, detectors, family, budget, seeds, out, overwrite, 
             values.append(int(part))
     board = run_compare(list(data), out, detectors=detectors, family=family, budget=budget,
                         seeds=values or None, overwrite=overwrite, refit=refit, retry_failed=retry_failed,
-                        figures=not no_figures, isolate=not in_process, min_images_per_s=min_speed,
-                        command=_command_line(), echo=lambda line: click.echo(line, err=True))
+                        refit_stale=refit_stale, figures=not no_figures, isolate=not in_process,
+                        min_images_per_s=min_speed, command=_command_line(),
+                        echo=lambda line: click.echo(line, err=True))
     click.echo(board["recommendation"]["text"])
     if board["failed"]:
         click.echo(f"{board['failed']} of {board['cells']} cells failed (errors in the table)", err=True)
@@ -434,6 +482,34 @@ def make_textures_cmd(out, categories, size, n_train, n_test_good, n_test_per_de
                          n_test_per_defect=n_test_per_defect, seed=seed, overwrite=overwrite)
     for c in cats:
         click.echo(f"{root / c}: use it as --data {root / c}")
+
+
+@make_dataset.command("strided")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="folder to write <category>_strided in.")
+@click.option("--category", default="brick", show_default=True, type=click.Choice(["brick", "grass", "gravel"]),
+              help="scikit-image photo.")
+@click.option("--crop", default=128, show_default=True, type=click.IntRange(min=8), help="window side (px).")
+@click.option("--train-stride", default=16, show_default=True, type=click.IntRange(min=1),
+              help="grid step of the training windows (top half).")
+@click.option("--test-stride", default=32, show_default=True, type=click.IntRange(min=1),
+              help="grid step of the test windows (bottom half).")
+@click.option("--defects", default="scratch,blob", show_default=True,
+              help="comma-separated defect kinds, given in turn to the defective test windows.")
+@click.option("--defective-fraction", default=0.5, show_default=True, type=click.FloatRange(0, 1, min_open=True,
+              max_open=True), help="share of the test windows that get a defect (seeded).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--overwrite", is_flag=True, help="replace a folder this command wrote before (never another).")
+def make_strided_cmd(out, category, crop, train_stride, test_stride, defects, defective_fraction, seed,
+                     overwrite) -> None:
+    """Strided split of one texture photo: every window of the top half on a fine grid for training (brick:
+    225 crops of 128 px), every window of the bottom half on a coarser grid for testing (65), half of them
+    given a synthetic scratch or blob with its mask."""
+    from anomalab.data.textures import make_strided
+
+    kinds = tuple(k.strip() for k in defects.split(",") if k.strip())
+    root = make_strided(out, category=category, crop=crop, train_stride=train_stride, test_stride=test_stride,
+                        defects=kinds, defective_fraction=defective_fraction, seed=seed, overwrite=overwrite)
+    click.echo(f"{root}: use it as --data {root}")
 
 
 DEFECT_KINDS = ("scratch", "blob", "missing_patch", "intensity_shift")  # anomalab.data.make_defects.KINDS
@@ -507,15 +583,27 @@ def _experiments() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
 
 
+def _whole_sentence(paragraph: str) -> str:
+    """`paragraph` on one line, ending at a whole sentence: one that stops mid-sentence (no final '.', '!'
+    or '?', e.g. a colon before a list) is cut back to its last whole sentence, or, with none, closed with
+    a full stop."""
+    text = " ".join(paragraph.split())
+    if not text or text[-1] in ".!?":
+        return text
+    ends = [i for i, ch in enumerate(text[:-1]) if ch in ".!?" and text[i + 1] == " "]
+    return text[: ends[-1] + 1] if ends else text.rstrip(":;, ") + "."
+
+
 def _experiment_doc(name: str) -> str:
-    """First paragraph of an experiment's module docstring, read from its source (nothing is imported)."""
+    """First paragraph of an experiment's module docstring as a whole sentence (`_whole_sentence`), read
+    from its source (nothing is imported)."""
     import ast
 
     import anomalab.experiments as pkg
 
     source = Path(pkg.__path__[0]) / f"{name}.py"
     doc = ast.get_docstring(ast.parse(source.read_text(encoding="utf-8")), clean=False) or ""
-    return doc.strip().split("\n\n")[0]
+    return _whole_sentence(doc.strip().split("\n\n")[0])
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, add_help_option=False)

@@ -457,9 +457,9 @@ def _estimate(cells: Sequence[dict], store: ResultStore) -> tuple[float, bool]:
 
 def compare(data: str | Sequence[str], out: str | Path, *, detectors: str | Sequence[str] | None = None,
             family: str | None = None, budget: str = "standard", seeds: Sequence[int] | None = None,
-            overwrite: bool = False, refit: bool = False, retry_failed: bool = False, figures: bool = True,
-            isolate: bool = True, min_images_per_s: float = MIN_IMAGES_PER_S, command: str | None = None,
-            echo: Callable[[str], None] | None = None) -> dict:
+            overwrite: bool = False, refit: bool = False, retry_failed: bool = False, refit_stale: bool = False,
+            figures: bool = True, isolate: bool = True, min_images_per_s: float = MIN_IMAGES_PER_S,
+            command: str | None = None, echo: Callable[[str], None] | None = None) -> dict:
     """Fit every detector on every data spec's normal images (each seed), evaluate on its test set, and
     write the leaderboard into `out` (module docstring); returns the leaderboard (leaderboard.json's
     content). Everything is checked before anything is fitted: the specs and their test sets, the
@@ -517,11 +517,18 @@ def compare(data: str | Sequence[str], out: str | Path, *, detectors: str | Sequ
         cells = plan(data, names_list, seeds, budget, out.resolve(), names, figures=figures,
                      threads=torch.get_num_threads())
         store = ResultStore(out / RESULTS, key=KEY)
-        todo = []
+        todo, stale = [], []
         for c in cells:
             row = store.get(c)
-            if refit or row is None or (retry_failed and row.get("status") != "ok"):
+            changed = row is not None and row.get("status") == "ok" and stale_params(c, row)
+            if changed:
+                stale.append(f"{c['spec_name']} {c['detector']} s{c['seed']} ({', '.join(changed)})")
+            if refit or row is None or (retry_failed and row.get("status") != "ok") or (refit_stale and changed):
                 todo.append(c)
+        if stale:
+            say(f"compare: {len(stale)} finished cell{'s' * (len(stale) > 1)} fitted with other parameters than "
+                f"this version's: {'; '.join(stale[:6])}{' ...' if len(stale) > 6 else ''}; "
+                + ("refitting them" if refit_stale or refit else "kept (--refit-stale fits them again)"))
         context = dict(budget=budget, seeds=seeds, min_images_per_s=min_images_per_s, command=command,
                        isolated=isolate)
         say(f"compare: {len(data)} data spec{'s' * (len(data) > 1)} x {len(names_list)} detectors, seeds "
@@ -551,6 +558,18 @@ def compare(data: str | Sequence[str], out: str | Path, *, detectors: str | Sequ
         return board
     finally:
         lock.release()
+
+
+def stale_params(cell: dict, row: dict) -> list[str]:
+    """Parameters on which a finished cell's fitted detector (`row["params"]`) differs from what the cell
+    would fit now (its budget's parameters over the detector's current defaults): a default that changed
+    between versions. `device` is not compared."""
+    from anomalab.params import signature_defaults
+    from anomalab.registry import detector_class
+
+    now = json.loads(json.dumps({**signature_defaults(detector_class(cell["detector"])), **cell["params"]}))
+    then = row.get("params") or {}
+    return sorted(k for k, v in now.items() if k != "device" and then.get(k, object()) != v)
 
 
 # ---- the leaderboard --------------------------------------------------------------------------------------
@@ -761,6 +780,7 @@ def leaderboard(cells: Sequence[dict], store: ResultStore, *, budget: str, seeds
              "cell_time_s": float(sum(r.get("cell_s") or 0 for r in rows_done if r)),
              "threads": next((r.get("threads") for r in rows_done if r and r.get("threads")), None),
              "cpus": os.cpu_count(), "isolated": isolated, "base_rss_mb": float(np.median(bases)) if bases else None,
+             "base_rss_range": [float(min(bases)), float(max(bases))] if bases else None,
              "command": command, "updated": time.strftime("%Y-%m-%d %H:%M:%S")}
     board["recommendation"] = recommend(summary if summary is not None else tables[0]["rows"], min_images_per_s,
                                         len(seeds), len(tables), budget)
@@ -859,7 +879,8 @@ def leaderboard_md(board: dict) -> str:
     blocks = ([("all data sets (means over them; ± the seeds' std)", board["summary"])] if board["summary"]
               else []) + [(f"{t['name']} (`{t['data']}`)", t["rows"]) for t in board["tables"]]
     for title, rows in blocks:
-        cols = [*head[:4], *cats, *head[4:]] if rows and "by_category" in rows[0] else head
+        summary = bool(rows) and "by_category" in rows[0]
+        cols = [*head[:2], "data sets complete", head[3], *cats, *head[4:]] if summary else head
         lines += [f"### {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += [row(i, e) for i, e in enumerate(rows, 1)]
         lines.append("")
@@ -948,7 +969,7 @@ def _row_html(i: int, e: dict, defects: Sequence[str], pixel: bool, summary: boo
     if summary:
         cells.append(_td(_f3(e["worst_category"]), _heat(e["worst_category"])))
         cells += [_td(_f3(e["by_category"].get(c)), _heat(e["by_category"].get(c))) for c in categories]
-    else:
+    elif len(defects) > 1:
         cells += [_td(_value(e["per_defect"].get(d)), _heat(_mean(e["per_defect"].get(d))),
                       _seed_values(e["per_defect"].get(d))) for d in defects]
     worst_peak = "" if peak is None else f"{max(peak['values']):.0f}"
@@ -991,7 +1012,7 @@ def _table_html(rows: list[dict], defects: Sequence[str] = (), summary: bool = F
         single("worst data set")
         if categories:
             group("image AUROC per data set", categories)
-    elif defects:
+    elif len(defects) > 1:  # one type alone is the image AUROC again
         group("AUROC per defect type", defects)
     group("at the saved threshold", ["false alarms", "caught"])
     group("cost on this machine", ["fit s", "images/s scored", "peak MB", "model MB"])
@@ -1058,9 +1079,10 @@ def leaderboard_html(board: dict) -> str:
         parts.append(f"<p class=warn>{board['cells'] - board['done'] - board['failed']} cells have not run yet: "
                      "rerun the same command to continue.</p>")
     if board.get("base_rss_mb"):
-        parts.append(f"<p class=muted>Peak memory is the largest resident set of each cell's own process; a fresh "
-                     f"process with torch and the detector's code imported holds about {board['base_rss_mb']:.0f} "
-                     "MB before any data is loaded.</p>")
+        lo, hi = board.get("base_rss_range") or [board["base_rss_mb"]] * 2
+        parts.append(f"<p class=muted>Peak memory is the largest resident set (VmHWM) of each cell's own process; "
+                     f"with torch and the detector's code imported, before any data is read, a cell's process holds "
+                     f"{lo:.0f}-{hi:.0f} MB (median {board['base_rss_mb']:.0f}).</p>")
     elif not board.get("isolated", True):
         parts.append("<p class=muted>Cells ran in this process: no per-cell peak memory.</p>")
     if board["command"]:

@@ -254,7 +254,8 @@ class BaseDetector(Params):
             save_file(tensors, str(folder / WEIGHTS_FILE))
             (folder / META_FILE).write_text(text)
 
-        write_saved_folder(path, META_FILE, write, own=(WEIGHTS_FILE, META_FILE), what="detector")
+        # tiling.json (anomalab.tiling) is not carried over: a detector saved here on its own is not tiled
+        write_saved_folder(path, META_FILE, write, own=(WEIGHTS_FILE, META_FILE, "tiling.json"), what="detector")
 
     @classmethod
     def load(cls, path: str | Path) -> BaseDetector:

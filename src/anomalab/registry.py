@@ -60,6 +60,10 @@ def load(path: str | Path) -> BaseDetector:
     meta = read_meta(path)
     if meta["name"] not in REGISTRY:
         raise LoadError(f"{path} holds an unknown detector '{meta['name']}'")
+    if (path / "tiling.json").is_file():  # a detector fitted on tiles (anomalab.tiling)
+        from anomalab.tiling import TiledDetector
+
+        return TiledDetector.load(path)
     return detector_class(meta["name"]).load(path)
 
 

@@ -15,6 +15,11 @@ the last one padded with blank images: linear-algebra libraries choose their ker
 fixed batch size is what makes a file's score bit-identical whichever files, how many, and in which order
 are scored with it. Joining `shard(files, "0/2")` and `shard(files, "1/2")` gives the unsharded scores.
 Files are read `chunk` at a time, so folders of any size score in bounded memory.
+
+A tiled detector (`anomalab.tiling.TiledDetector`, a run fitted with `--tile`) is given each file at its own
+size instead, one file at a time: its tiles are scored `batch_size` at a time, the score is the max over
+them and the map, stitched from the tiles' maps, has the file's own (H, W). A file smaller than a tile
+counts as unreadable (skipped with a warning, or its DataError with on_error="raise").
 """
 
 from __future__ import annotations
@@ -132,7 +137,36 @@ def iter_scores(det: Any, files: Sequence[str | Path], *, on_error: str = "skip"
     files = [Path(f) for f in files]
     with Progress(f"{getattr(det, 'name', '') or 'detector'} score", len(files), unit="file",
                   enabled=progress) as bar:
-        yield from _score_chunks(det, files, shape, on_error, chunk, batch_size, maps, bar)
+        if getattr(det, "tiling", None) is not None and hasattr(det, "score_image"):
+            yield from _score_tiled(det, files, shape[0], on_error, batch_size, maps, bar)
+        else:
+            yield from _score_chunks(det, files, shape, on_error, chunk, batch_size, maps, bar)
+
+
+def _score_tiled(det: Any, files: list[Path], channels: int, on_error: str, batch_size: int, maps: bool,
+                 bar: Progress) -> Iterator[dict[str, Any]]:
+    """The rows of `iter_scores` for a tiled detector: one file at a time, at its own size."""
+    for path in files:
+        try:
+            image = torch.from_numpy(read_image(path, channels=channels))
+            if min(image.shape[1:]) < det.tile:
+                raise DataError(f"image {path} is {image.shape[1]}x{image.shape[2]} (H x W), smaller than the "
+                                f"run's {det.tile}x{det.tile} tiles")
+        except (DataError, DataNotFoundError) as e:
+            bar.update(1)
+            if on_error == "raise":
+                raise
+            log.warning("skipping unreadable image %s (%s)", path, e)
+            continue
+        try:
+            score, amap = det.score_image(image, maps=maps, batch_size=batch_size)
+        except NotImplementedError as e:
+            raise ParameterError(f"{e}; score without maps") from None
+        bar.update(1)
+        row: dict[str, Any] = {"name": str(path), "path": path, "score": score, "verdict": verdict(det, score)}
+        if maps:
+            row["map"] = amap
+        yield row
 
 
 def _score_chunks(det: Any, files: list[Path], shape: tuple[int, ...], on_error: str, chunk: int, batch_size: int,
@@ -162,6 +196,37 @@ def _score_chunks(det: Any, files: list[Path], shape: tuple[int, ...], on_error:
             if maps:
                 row["map"] = resize_maps(chunk_maps[i][None], own_size)[0]
             yield row
+
+
+def merged_rows(det: Any, files: Sequence[str | Path], **kwargs: Any) -> list[dict[str, Any]] | None:
+    """`iter_scores` over the ranks of `anomalab.distributed` (under torchrun): rank r scores the files r, r + N,
+    ...; rank 0 gets every row in the order of `files` (exactly the unsharded rows: a file's score depends on
+    that file alone), the other ranks None. A failure on any rank stops every rank with its message."""
+    from anomalab import distributed
+
+    group = distributed.group()
+    if group is None:
+        return list(iter_scores(det, files, **kwargs))
+    import torch.distributed as dist
+
+    files = [Path(f) for f in files]
+    mine = files[group.rank :: group.world]
+
+    def score_mine() -> list[tuple[int, dict[str, Any]]]:
+        out, pos = [], 0
+        for row in iter_scores(det, mine, progress=kwargs.pop("progress", True) and group.rank == 0, **kwargs):
+            while mine[pos] != row["path"]:
+                pos += 1  # files skipped as unreadable
+            out.append((group.rank + pos * group.world, row))
+            pos += 1
+        return out
+
+    local = distributed.agree(score_mine, group)
+    everyone: list[Any] = [None] * group.world if group.rank == 0 else None
+    dist.gather_object(local, everyone, dst=0)
+    if group.rank != 0:
+        return None
+    return [row for _, row in sorted((pair for part in everyone for pair in part), key=lambda p: p[0])]
 
 
 def format_rows(rows: Sequence[dict[str, Any]], fmt: str = "csv", threshold: Any = None) -> str:

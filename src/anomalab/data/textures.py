@@ -64,43 +64,70 @@ def _write_png(arr: np.ndarray, path: Path) -> None:
 def make_textures(out_dir: str | Path, categories: tuple[str, ...] = CATEGORIES, size: int = 128,
                   n_train: int = 100, n_test_good: int = 20, n_test_per_defect: int = 10,
                   defects: tuple[str, ...] = DEFECT_TYPES, crop: int | None = None, seed: int = 0,
-                  overwrite: bool = False) -> Path:
+                  split: str = "rows", overwrite: bool = False) -> Path:
     """Write `<out_dir>/<category>/{train/good, test/good, test/<defect>, ground_truth/<defect>}` PNGs
     and `<category>/textures.json` (the settings that built it).
 
     size: side of the written images; crop: side of the window cut from the 512 px photo (default =
-    size; a larger crop is shrunk to size, showing more of the texture). The same seed writes the same
+    size; a larger crop is shrunk to size, showing more of the texture). split: "rows" (training crops
+    from the photo's top rows, test crops from the rows below) or "columns" (left columns / right columns:
+    every row of the photo in both, which removes the shift between its top and bottom, e.g. the
+    perspective of the grass photo). The same seed writes the same
     files. An existing category folder this builder wrote (textures.json) is replaced only with
     overwrite=True, and only once the new one is complete; any other non-empty folder is refused. Returns out_dir.
     """
     out = Path(out_dir)
     crop = crop or size
+    _check_split(split)
     unknown = [d for d in defects if d not in DEFECTS]
     if unknown:
         raise ParameterError(f"unknown defect type(s) {unknown}; known: {', '.join(DEFECTS)}")
     for category in categories:  # every target checked before anything is written
         check_output_dir(out / category, overwrite=overwrite, replaceable=lambda p: (p / INFO_FILE).is_file(),
                          what="texture dataset (textures.json)")
-    for ci, category in enumerate(categories):
-        with staged_dir(out / category) as tmp:
-            _write_category(tmp, category, ci, size, n_train, n_test_good, n_test_per_defect, defects, crop, seed)
+    for category in categories:
+        texture_photo(category)  # an unknown category is refused before anything is written
+    for category in categories:
+        ci = CATEGORIES.index(category)  # each photo its own random stream: the files never depend on what
+        with staged_dir(out / category) as tmp:  # else was asked for in the same call
+            _write_category(tmp, category, ci, size, n_train, n_test_good, n_test_per_defect, defects, crop, seed,
+                            split)
     return out
 
 
+SPLITS = ("rows", "columns")
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ParameterError(f"split must be 'rows' or 'columns', got {split!r}")
+
+
+def _oriented(photo: np.ndarray, split: str) -> np.ndarray:
+    """The photo as the row-wise cutting sees it: transposed for a split by columns (crops are transposed
+    back by `_upright`)."""
+    return photo.T.copy() if split == "columns" else photo
+
+
+def _upright(crops: list[np.ndarray], split: str) -> list[np.ndarray]:
+    return [c.T.copy() for c in crops] if split == "columns" else crops
+
+
 def _write_category(folder: Path, category: str, ci: int, size: int, n_train: int, n_test_good: int,
-                    n_test_per_defect: int, defects: tuple[str, ...], crop: int, seed: int) -> None:
+                    n_test_per_defect: int, defects: tuple[str, ...], crop: int, seed: int,
+                    split: str = "rows") -> None:
     """Write one category's images, masks and textures.json into `folder` (a staged copy of its target)."""
     rng = np.random.default_rng([seed, ci])
-    photo = texture_photo(category)
+    photo = _oriented(texture_photo(category), split)
     split_row = int(round(photo.shape[0] * TRAIN_FRACTION))
-    train = _crops(photo, (0, split_row), n_train, crop, size, rng)
+    train = _upright(_crops(photo, (0, split_row), n_train, crop, size, rng), split)
     test_rows = (split_row, photo.shape[0])
     for i, img in enumerate(train):
         _write_png(img, folder / "train" / "good" / f"{i:03d}.png")
-    for i, img in enumerate(_crops(photo, test_rows, n_test_good, crop, size, rng)):
+    for i, img in enumerate(_upright(_crops(photo, test_rows, n_test_good, crop, size, rng), split)):
         _write_png(img, folder / "test" / "good" / f"{i:03d}.png")
     for defect in defects:
-        for i, img in enumerate(_crops(photo, test_rows, n_test_per_defect, crop, size, rng)):
+        for i, img in enumerate(_upright(_crops(photo, test_rows, n_test_per_defect, crop, size, rng), split)):
             bad, mask = DEFECTS[defect](img[None], rng)
             _write_png(bad[0], folder / "test" / defect / f"{i:03d}.png")
             _write_png(mask, folder / "ground_truth" / defect / f"{i:03d}_mask.png")
@@ -108,6 +135,66 @@ def _write_category(folder: Path, category: str, ci: int, size: int, n_train: in
         "builder": "anomalab.data.textures.make_textures", "anomalab_version": __version__,
         "category": category, "size": size, "crop": crop, "n_train": n_train,
         "n_test_good": n_test_good, "n_test_per_defect": n_test_per_defect, "defects": list(defects),
-        "seed": seed, "train_rows": [0, split_row], "test_rows": list(test_rows),
+        "seed": seed, "split": split, f"train_{split}": [0, split_row], f"test_{split}": list(test_rows),
     }
     (folder / INFO_FILE).write_text(json.dumps(info, indent=1))
+
+
+def _grid(photo: np.ndarray, rows: tuple[int, int], crop: int, stride: int) -> list[np.ndarray]:
+    """Every crop x crop window of photo[rows[0]:rows[1]] on a regular grid of `stride` px, row-major."""
+    lo, hi = rows
+    if hi - lo < crop or photo.shape[1] < crop:
+        raise ParameterError(f"crop {crop} does not fit in rows {lo}-{hi} of a {photo.shape} photo")
+    return [photo[y : y + crop, x : x + crop] for y in range(lo, hi - crop + 1, stride)
+            for x in range(0, photo.shape[1] - crop + 1, stride)]
+
+
+def make_strided(out_dir: str | Path, category: str = "brick", crop: int = 128, train_stride: int = 16,
+                 test_stride: int = 32, defects: tuple[str, ...] = ("scratch", "blob"),
+                 defective_fraction: float = 0.5, seed: int = 0, split: str = "rows", overwrite: bool = False) -> Path:
+    """The strided split of one photo, in the MVTec AD layout at `<out_dir>/<category>_strided`:
+    training = every crop x crop window of the top half on a `train_stride` grid (brick, defaults: 9 x 25 =
+    225 crops of 128 px), test = every window of the bottom half on a `test_stride` grid (5 x 13 = 65); a
+    seeded `defective_fraction` of the test windows gets one synthetic defect (the kinds of `defects` in
+    turn) with its mask, the rest stay good. Overlapping training windows see each texture position many
+    times, as a line camera does; no test pixel lies in the training half. split="columns" uses the left
+    and right halves instead (every row of the photo in both). Returns the category folder."""
+    _check_split(split)
+    unknown = [d for d in defects if d not in DEFECTS]
+    if unknown or not defects:
+        raise ParameterError(f"unknown defect type(s) {unknown}; known: {', '.join(DEFECTS)}")
+    if not 0 < defective_fraction < 1:
+        raise ParameterError(f"defective_fraction must be in (0, 1), got {defective_fraction}")
+    for name, v in (("crop", crop), ("train_stride", train_stride), ("test_stride", test_stride)):
+        if v < 1:
+            raise ParameterError(f"{name} must be a positive integer, got {v}")
+    target = Path(out_dir) / (f"{category}_strided" + ("_columns" if split == "columns" else ""))
+    check_output_dir(target, overwrite=overwrite, replaceable=lambda p: (p / INFO_FILE).is_file(),
+                     what="texture dataset (textures.json)")
+    photo = _oriented(texture_photo(category), split)
+    half = photo.shape[0] // 2
+    train = _upright(_grid(photo, (0, half), crop, train_stride), split)
+    test = _upright(_grid(photo, (half, photo.shape[0]), crop, test_stride), split)
+    rng = np.random.default_rng([seed, CATEGORIES.index(category)])
+    bad = np.sort(rng.choice(len(test), int(round(len(test) * defective_fraction)), replace=False))
+    with staged_dir(target) as folder:
+        for i, img in enumerate(train):
+            _write_png(img, folder / "train" / "good" / f"{i:03d}.png")
+        kinds = {}
+        for j, i in enumerate(bad):
+            kind = defects[j % len(defects)]
+            img, mask = DEFECTS[kind](test[i][None], rng)
+            _write_png(img[0], folder / "test" / kind / f"{i:03d}.png")
+            _write_png(mask, folder / "ground_truth" / kind / f"{i:03d}_mask.png")
+            kinds[int(i)] = kind
+        for i, img in enumerate(test):
+            if i not in kinds:
+                _write_png(img, folder / "test" / "good" / f"{i:03d}.png")
+        info = {"builder": "anomalab.data.textures.make_strided", "anomalab_version": __version__,
+                "category": category, "crop": crop, "size": crop, "train_stride": train_stride,
+                "test_stride": test_stride, "n_train": len(train), "n_test": len(test),
+                "defective": {str(k): v for k, v in kinds.items()}, "defects": list(defects),
+                "defective_fraction": defective_fraction, "seed": seed, "split": split,
+                f"train_{split}": [0, half], f"test_{split}": [half, photo.shape[0]]}
+        (folder / INFO_FILE).write_text(json.dumps(info, indent=1))
+    return target

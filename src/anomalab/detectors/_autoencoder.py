@@ -19,6 +19,7 @@ class ReconstructionDetector(EpochTrained, BaseDetector):
 
     onnx_exportable = True
     continual_strategies = ("finetune", "joint", "ewc")
+    distributable = True  # losses are means over the batch's images (anomalab.distributed)
 
     def _model_shape(self, data_shape: tuple[int, int, int]) -> tuple[int, int, int]:
         c, h, w = data_shape

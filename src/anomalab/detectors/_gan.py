@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from anomalab import distributed
 from anomalab.detector import BaseDetector
 from anomalab.nets.dcgan import DCDiscriminator, dcgan_init
 from anomalab.train.epochs import EpochTrained
@@ -106,22 +107,34 @@ class GANDetector(EpochTrained, BaseDetector):
         """Re-estimate every BatchNorm's running statistics with the final weights: one pass of the training
         forward (`_bn_forward`) over the training images `data` in [-1, 1], cumulative averages. During
         training the running averages (momentum 0.1) trail weights that move fast; this uses training
-        images only, so it stays an honest evaluation."""
+        images only, so it stays an honest evaluation. Latents a forward needs are drawn from a generator
+        seeded with `seed` (the global random state is left alone, so training continues as if uncut)."""
         nets = list(self._nets().values())
         bns = [m for net in nets for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         momenta = [m.momentum for m in bns]
+        modes = [net.training for net in nets]
         for m in bns:
             m.reset_running_stats()
             m.momentum = None  # cumulative moving average over the pass
         for net in nets:
             net.train()
-        for batch in Batches(data, self.batch_size, shuffle=False):
-            self._bn_forward(batch)
-        for m, momentum in zip(bns, momenta):
-            m.momentum = momentum
+            for m in net.modules():  # statistics of the activations scoring sees: no dropout
+                if isinstance(m, nn.modules.dropout._DropoutNd):
+                    m.eval()
+        latent = torch.Generator().manual_seed(self.seed)
+        try:
+            for batch in Batches(data, self.batch_size, shuffle=False):
+                z = torch.randn(len(batch), getattr(self, "latent_dim", 1), generator=latent).to(batch.device)
+                self._bn_forward(batch, z)
+        finally:
+            for m, momentum in zip(bns, momenta):
+                m.momentum = momentum
+            for net, mode in zip(nets, modes):
+                net.train(mode)  # every submodule, dropout included
 
-    def _bn_forward(self, x: Tensor) -> None:
-        """The forward passes of one training step (batch in [-1, 1]), for `recalibrate_bn`."""
+    def _bn_forward(self, x: Tensor, z: Tensor) -> None:
+        """The forward passes of one training step (batch x in [-1, 1], latents z ~ N(0, I) for the nets
+        that decode a prior sample), for `recalibrate_bn`."""
         raise NotImplementedError(f"{self.name} does not support bn_recalibrate")
 
     def _reconstruct(self, x: Tensor) -> Tensor:
@@ -168,12 +181,12 @@ class PairedGANDetector(GANDetector):
         opt["g"].step()
         opt["d"].step()
         d_loss = loss_d.item()
-        reinit = d_loss < D_COLLAPSE
+        reinit = distributed.batch_mean(d_loss) < D_COLLAPSE  # the whole batch's loss decides (every rank alike)
         if reinit:
             d.apply(dcgan_init)
         return d_loss, reinit
 
-    def _bn_forward(self, x: Tensor) -> None:
+    def _bn_forward(self, x: Tensor, z: Tensor) -> None:
         """The forward passes of one training step of an encoder-decoder GAN: G(x), D(x), D(G(x))."""
         x_hat = self._reconstruct(x)
         self.discriminator_(x)

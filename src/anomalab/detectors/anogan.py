@@ -15,9 +15,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from anomalab import distributed
 from anomalab.data.transforms import check_images, prepare, resize_maps
 from anomalab.detectors._gan import PairedGANDetector, bce_logits, discriminator_loss, to_signed, to_unit
 from anomalab.nets.dcgan import DCDecoder
+from anomalab.nets.fold import fold_batchnorm
 
 
 def anogan_loss(x: Tensor, x_hat: Tensor, feat_x: Tensor, feat_hat: Tensor, lam: float = 0.1) -> Tensor:
@@ -54,16 +56,18 @@ class AnoGAN(PairedGANDetector):
     G(z*) and map in one go."""
 
     name = "anogan"
+    distributable = True  # every loss a batch mean, z drawn for the whole global batch (anomalab.distributed)
     onnx_refusal = ("anogan cannot be exported to ONNX: it scores each image by an optimisation (gradient steps "
                     "on a latent code per image), not by a fixed graph")
-    score_batch_size = 512
+    # latent-search queries per Adam: 32-128 run fastest on a CPU, 512 1.4x slower (benchmarks/bench_ganomaly.py)
+    score_batch_size = 64
     # a DCGAN samples from its prior: replay appends images of a frozen copy of G to D's real batches
     # (deep generative replay, Shin et al. 2017), which changes the data only
     continual_strategies = ("finetune", "joint", "replay")
 
     def __init__(self, latent_dim: int = 100, width: int = 64, lam: float = 0.1, n_steps: int = 500,
                  latent_lr: float = 0.01, epochs: int = 15, batch_size: int = 64, lr: float = 2e-4,
-                 beta1: float = 0.5, seed: int = 0, device: str = "cpu"):
+                 beta1: float = 0.5, bn_recalibrate: bool = True, seed: int = 0, device: str = "cpu"):
         self.latent_dim = latent_dim  # z: size of the DCGAN latent
         self.width = width  # ngf = ndf
         self.lam = lam  # lambda: weight of the discrimination loss Dl in L(z)
@@ -73,6 +77,9 @@ class AnoGAN(PairedGANDetector):
         self.batch_size = batch_size
         self.lr = lr  # Adam learning rate of the DCGAN
         self.beta1 = beta1  # Adam beta1 (beta2 = 0.999)
+        # Not in the paper: after training, re-estimate BatchNorm statistics on the training images (and G's
+        # samples) with the final weights (recalibrate_bn); False = the running averages of training.
+        self.bn_recalibrate = bn_recalibrate
         self.seed = seed
         self.device = device
 
@@ -82,7 +89,7 @@ class AnoGAN(PairedGANDetector):
 
     def _train_step(self, x: Tensor) -> dict[str, float]:
         g, d, opt = self.generator_, self.discriminator_, self.optimizers_
-        z = torch.randn(len(x), self.latent_dim, device=x.device)
+        z = distributed.batch_randn(len(x), self.latent_dim, device=x.device)  # torch.randn in one process
         fake = g(z)
         # DCGAN: a D step on real vs (detached) fake, then a non-saturating G step against the updated D.
         loss_d = discriminator_loss(d(x)[0], d(fake.detach())[0])
@@ -94,6 +101,11 @@ class AnoGAN(PairedGANDetector):
         loss_g.backward(inputs=list(g.parameters()))
         opt["g"].step()
         return {"loss_g": loss_g.item(), "loss_d": loss_d.item()}
+
+    def _bn_forward(self, x: Tensor, z: Tensor) -> None:
+        """A training step's forward passes: G(z), D(x), D(G(z))."""
+        self.discriminator_(x)
+        self.discriminator_(self.generator_(z))
 
     def prior_decoder(self) -> nn.Module:
         """The net decoding z ~ N(0, I) (n, latent_dim) into images as the training step sees them
@@ -114,27 +126,22 @@ class AnoGAN(PairedGANDetector):
         a generator seeded with `seed` for every batch, so scores are reproducible."""
         self._check_fitted()
         check_images(images, what=f"{self.name}.score")
-        g, d = self.generator_.eval(), self.discriminator_.eval()
-        params = [p for net in (g, d) for p in net.parameters()]
-        for p in params:
-            p.requires_grad_(False)
+        # eval-mode copies with BatchNorm folded into the convs: the same function, about twice as fast
+        # through the search's forward/backward passes (anomalab.nets.fold); their weights need no gradients
+        g, features = fold_batchnorm(self.generator_), fold_batchnorm(self.discriminator_.features)
         bs = batch_size or self.score_batch_size
         out: dict[str, list[Tensor]] = {"score": [], "reconstruction": [], "map": [], "z": []}
-        try:
-            for i in range(0, len(images), bs):
-                x = prepare(images[i : i + bs], self.input_shape_).to(self.device_)
-                z0 = torch.randn(len(x), self.latent_dim, generator=torch.Generator().manual_seed(self.seed))
-                z, score, x_hat = latent_search(g, lambda t: d(t)[1], to_signed(x), z0.to(self.device_),
-                                                self.n_steps if n_steps is None else n_steps, self.lam,
-                                                self.latent_lr)
-                rec = to_unit(x_hat)
-                out["score"].append(score.cpu())
-                out["reconstruction"].append(rec.cpu())
-                out["map"].append((x - rec).abs().mean(1).cpu())
-                out["z"].append(z.cpu())
-        finally:
-            for p in params:
-                p.requires_grad_(True)
+        for i in range(0, len(images), bs):
+            x = prepare(images[i : i + bs], self.input_shape_).to(self.device_)
+            z0 = torch.randn(len(x), self.latent_dim, generator=torch.Generator().manual_seed(self.seed))
+            z, score, x_hat = latent_search(g, features, to_signed(x), z0.to(self.device_),
+                                            self.n_steps if n_steps is None else n_steps, self.lam,
+                                            self.latent_lr)
+            rec = to_unit(x_hat)
+            out["score"].append(score.cpu())
+            out["reconstruction"].append(rec.cpu())
+            out["map"].append((x - rec).abs().mean(1).cpu())
+            out["z"].append(z.cpu())
         result = {k: torch.cat(v) if v else torch.empty(0) for k, v in out.items()}
         result["map"] = resize_maps(result["map"], tuple(images.shape[-2:]))
         return result

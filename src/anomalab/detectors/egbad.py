@@ -56,7 +56,7 @@ class EGBAD(GANDetector):
 
     def __init__(self, latent_dim: int = 200, score_variant: str = "fm", weight: float = 0.1,
                  ema: float = 0.999, epochs: int = 100, batch_size: int = 100, lr: float = 1e-5,
-                 beta1: float = 0.5, seed: int = 0, device: str = "cpu"):
+                 beta1: float = 0.5, bn_recalibrate: bool = True, seed: int = 0, device: str = "cpu"):
         self.latent_dim = latent_dim  # z: size of the BiGAN latent
         self.score_variant = score_variant  # Dl: "fm" (feature matching) or "cross_e" (cross-entropy)
         self.weight = weight  # 1 - alpha: weight of Dl in the score (alpha = 0.9 on the residual)
@@ -65,6 +65,10 @@ class EGBAD(GANDetector):
         self.batch_size = batch_size
         self.lr = lr  # Adam learning rate of E, G and D
         self.beta1 = beta1  # Adam beta1 (beta2 = 0.999)
+        # Not in the paper: after training, re-estimate the BatchNorm statistics of the averaged (test-time)
+        # nets on the training images with their own weights (recalibrate_bn); False = the live nets' running
+        # averages copied into the averaged nets, as the official code.
+        self.bn_recalibrate = bn_recalibrate
         self.seed = seed
         self.device = device
 
@@ -122,6 +126,13 @@ class EGBAD(GANDetector):
             for b, c in zip(net.buffers(), avg.buffers()):  # BN statistics are not averaged (as in TF)
                 c.copy_(b)
         self.ema_steps_ += 1
+
+    def _bn_forward(self, x: Tensor, z: Tensor) -> None:
+        """A training step's forward passes, D(x, E(x)) and D(G(z), z), through the live and the averaged nets."""
+        for e, g, d in ((self.encoder_, self.generator_, self.discriminator_),
+                        (self.encoder_ema_, self.generator_ema_, self.discriminator_ema_)):
+            d(x, e(x))
+            d(g(z), z)
 
     def _reconstruct(self, x: Tensor) -> Tensor:
         return self.generator_ema_(self.encoder_ema_(x))

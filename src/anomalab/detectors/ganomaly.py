@@ -52,11 +52,12 @@ class GANomaly(PairedGANDetector):
     square power-of-two size >= 16 (MNIST 28x28 is resized to 32x32, the official isize)."""
 
     name = "ganomaly"
+    distributable = True  # every loss a mean over the batch's images (anomalab.distributed)
     onnx_exportable = True
 
     def __init__(self, latent_dim: int = 100, width: int = 64, w_adv: float = 1.0, w_con: float = 50.0,
                  w_enc: float = 1.0, epochs: int = 15, batch_size: int = 64, lr: float = 2e-4,
-                 beta1: float = 0.5, bn_recalibrate: bool = False, seed: int = 0, device: str = "cpu"):
+                 beta1: float = 0.5, bn_recalibrate: bool = True, seed: int = 0, device: str = "cpu"):
         self.latent_dim = latent_dim  # nz: size of z
         self.width = width  # ngf = ndf: channels of the first conv of every net
         self.w_adv = w_adv  # w_adv: weight of the adversarial (feature-matching) loss

@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from sklearn.covariance import ledoit_wolf
 from torch import Tensor
 
+from anomalab import distributed
 from anomalab.data.transforms import check_images, prepare
 from anomalab.detector import BaseDetector
 from anomalab.errors import DataError, ParameterError
-from anomalab.nets.effnet_lite0 import LEVEL_CHANNELS, LEVELS, make_backbone
+from anomalab.nets.effnet_lite0 import LEVELS, make_backbone
 from anomalab.progress import progress
 from anomalab.types import ImageSet
 
@@ -95,11 +96,13 @@ def _mahalanobis(f: Tensor, mean: Tensor, precision: Tensor) -> Tensor:
 
 
 class Gaussian(BaseDetector):
-    """score(images (N, C, H, W) in [0, 1]) -> (N,), sum of per-level Mahalanobis distances; higher = more
-    anomalous. score_map -> (N, H, W) per-position distances of the patch Gaussians."""
+    """score(images (N, C, H, W) in [0, 1]) -> (N,), sum of per-level Mahalanobis distances (the paper's;
+    `image_score="map_max"`: the largest distance of the patch map); higher = more anomalous.
+    score_map -> (N, H, W) per-position distances of the patch Gaussians."""
 
     name = "gaussian"
     onnx_exportable = True
+    distributable = True  # fit over ranks: pooled features gathered, moment sums all-reduced (`_stream`)
     _fitted_tensors = ("means_", "precisions_", "patch_mean_", "patch_precision_")
     _fitted_json = ("history_", "n_train_")
     score_batch_size = 8  # see batch_size
@@ -114,6 +117,7 @@ class Gaussian(BaseDetector):
         backbone: str = "effnet_lite0",
         weights: str | None = "imagenet",  # "imagenet" = packaged weights, or a local checkpoint path
         batch_size: int = 8,  # small batches run faster on CPU: Lite0's depthwise convs are memory-bound
+        image_score: str = "levels",  # "levels": the paper's sum over `levels`; "map_max": max of the patch map
         device: str = "cpu",
     ):
         self.levels = levels
@@ -122,6 +126,7 @@ class Gaussian(BaseDetector):
         self.backbone = backbone
         self.weights = weights
         self.batch_size = batch_size
+        self.image_score = image_score
         self.device = device
 
     # ---- shapes and parts -----------------------------------------------------------------------
@@ -148,7 +153,7 @@ class Gaussian(BaseDetector):
         """Per-level views of the flat fitted tensors (saved flat so safetensors holds one tensor each)."""
         self.level_mean_, self.level_precision_ = {}, {}
         i = j = 0
-        for level, c in zip(LEVELS, LEVEL_CHANNELS):
+        for level, c in zip(LEVELS, self.backbone_.level_channels):  # the backbone's widths (Lite2: wider)
             self.level_mean_[level] = self.means_[i : i + c]
             self.level_precision_[level] = self.precisions_[j : j + c * c].view(c, c)
             i, j = i + c, j + c * c
@@ -177,25 +182,17 @@ class Gaussian(BaseDetector):
         """Fit from an iterable of (B, C, H, W) batches in [0, 1], e.g. images read from files in chunks
         (`anomalab.data.folder.iter_batches`); only pooled features and running moments are kept."""
         _ = self.levels_  # validate before the work
+        self._check_image_score()
         shape = self._model_shape()
         self._build(shape)
-        pooled: dict[int, list[Tensor]] = {level: [] for level in LEVELS}
-        moments = _Moments() if self.patch_levels else None
-        with torch.inference_mode():
-            for batch in progress(batches, f"{self.name} features", unit="batch",
-                                  enabled=getattr(self, "progress", True)):
-                check_images(batch, what=f"{self.name}.fit")
-                x = prepare(batch, shape).to(self.device_)
-                feats = self._features(x)
-                for level in LEVELS:
-                    pooled[level].append(feats[level].mean((2, 3)).double().cpu())
-                if moments is not None:
-                    moments.update(self._patch_features(feats).cpu())
+        pooled, moments = self._stream(batches, shape)
         n = sum(len(p) for p in pooled[1])
-        if n == 0:
-            raise DataError(f"{self.name}.fit: no images to fit on")
-        if n < 2:
-            raise DataError(f"{self.name}.fit needs at least 2 normal images, got {n}")
+        if n == 0 or n < 2:
+            error = DataError(f"{self.name}.fit: no images to fit on" if n == 0 else
+                              f"{self.name}.fit needs at least 2 normal images, got {n}")
+            if distributed.active() is None:
+                raise error
+            distributed.raise_everywhere(error)
         means, precisions = [], []
         for level in LEVELS:
             feats = torch.cat(pooled[level]).numpy()
@@ -217,6 +214,39 @@ class Gaussian(BaseDetector):
         self.input_shape_ = shape
         return self
 
+    def _stream(self, batches: Iterable[Tensor], shape) -> tuple[dict[int, list[Tensor]], _Moments | None]:
+        """The pooled features of every level (per batch, in order) and the patch moments of `batches`. Inside
+        `anomalab.distributed.scope()`, each rank extracts its batches; the pooled features are gathered back
+        into the original order and the moment sums all-reduced, so every rank gets one process's values."""
+        group = distributed.active()
+        pooled: dict[int, list[Tensor]] = {level: [] for level in LEVELS}
+        moments = _Moments() if self.patch_levels else None
+
+        def extract() -> None:
+            with torch.inference_mode():
+                mine = batches if group is None else distributed.my_batches(batches, group)
+                for batch in progress(mine, f"{self.name} features", unit="batch",
+                                      enabled=getattr(self, "progress", True)):
+                    check_images(batch, what=f"{self.name}.fit")
+                    x = prepare(batch, shape).to(self.device_)
+                    feats = self._features(x)
+                    for level in LEVELS:
+                        pooled[level].append(feats[level].mean((2, 3)).double().cpu())
+                    if moments is not None:
+                        moments.update(self._patch_features(feats).cpu())
+
+        if group is None:
+            extract()
+            return pooled, moments
+        distributed.agree(extract, group)
+        widths = list(self.backbone_.level_channels)
+        joined = [torch.cat([pooled[level][i] for level in LEVELS], 1) for i in range(len(pooled[1]))]
+        joined = distributed.gather_in_order(joined, group)
+        pooled = {level: [part.split(widths, 1)[j] for part in joined] for j, level in enumerate(LEVELS)}
+        if moments is not None:
+            distributed.all_reduce_moments(moments, group)
+        return pooled, moments
+
     # ---- score ----------------------------------------------------------------------------------
     def _level_distances(self, x: Tensor) -> Tensor:
         feats = self._features(x)
@@ -224,7 +254,16 @@ class Gaussian(BaseDetector):
                              self.level_precision_[level]) for level in LEVELS]
         return torch.stack(cols, 1)
 
+    def _check_image_score(self) -> None:
+        if self.image_score not in ("levels", "map_max"):
+            raise ParameterError(f"image_score must be 'levels' or 'map_max', got {self.image_score!r}")
+        if self.image_score == "map_max" and self.patch_levels is None:
+            raise ParameterError("image_score='map_max' needs the patch map: give patch_levels (e.g. (4, 5))")
+
     def _score_batch(self, x: Tensor) -> Tensor:
+        self._check_image_score()
+        if self.image_score == "map_max":  # the largest per-position distance: small defects count fully
+            return self._map_batch(x).flatten(1).amax(1).double()
         idx = [LEVELS.index(level) for level in self.levels_]
         return self._level_distances(x)[:, idx].sum(1)
 
@@ -247,14 +286,18 @@ class Gaussian(BaseDetector):
         products (ONNX Runtime cannot infer shapes through their broadcast einsum), the score in float64 as
         in torch, batch-size free reshapes; the levels' features are computed once for both outputs."""
         feats = self._features(x)
-        cols = []
-        for level in self.levels_:
-            diff = feats[level].mean((2, 3)).double() - self.level_mean_[level]
-            cols.append(((diff @ self.level_precision_[level]) * diff).sum(-1).clamp_min(0).sqrt())
-        scores = torch.stack(cols, 1).sum(1)
-        if not maps:
-            return scores, None
-        h, w = feats[min(self.patch_levels)].shape[-2:]
-        diff = (self._patch_features(feats).transpose(0, 1) - self.patch_mean_[:, None]).contiguous()  # (P, B, d)
-        sq = (torch.bmm(diff, self.patch_precision_) * diff).sum(-1)
-        return scores, sq.clamp_min(0).sqrt().T.reshape(-1, h, w)
+        patch_map = None
+        if maps or self.image_score == "map_max":
+            h, w = feats[min(self.patch_levels)].shape[-2:]
+            diff = (self._patch_features(feats).transpose(0, 1) - self.patch_mean_[:, None]).contiguous()  # (P,B,d)
+            sq = (torch.bmm(diff, self.patch_precision_) * diff).sum(-1)
+            patch_map = sq.clamp_min(0).sqrt().T.reshape(-1, h, w)
+        if self.image_score == "map_max":
+            scores = patch_map.flatten(1).amax(1).double()
+        else:
+            cols = []
+            for level in self.levels_:
+                diff = feats[level].mean((2, 3)).double() - self.level_mean_[level]
+                cols.append(((diff @ self.level_precision_[level]) * diff).sum(-1).clamp_min(0).sqrt())
+            scores = torch.stack(cols, 1).sum(1)
+        return scores, patch_map if maps else None

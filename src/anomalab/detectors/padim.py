@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from anomalab import distributed
 from anomalab.data.transforms import check_images, prepare
 from anomalab.detector import BaseDetector
 from anomalab.detectors._features import build_backbone, check_levels, gaussian_blur, on_finest_grid
@@ -57,6 +58,7 @@ class PaDiM(BaseDetector):
 
     name = "padim"
     onnx_exportable = True
+    distributable = True  # fit over ranks: the moment sums all-reduced (anomalab.distributed)
     _fitted_tensors = ("channels_", "mean_", "precision_")
     _fitted_json = ("history_", "n_train_", "grid_")
 
@@ -134,17 +136,30 @@ class PaDiM(BaseDetector):
         self.channels_ = self._choose_channels()
         moments = _Moments()
         grid = None
-        with torch.inference_mode():
-            for batch in batches:
-                batch = check_images(batch, what=f"{self.name}.fit")
-                if not len(batch):
-                    continue
-                z, grid = self.embed_patches(prepare(batch, shape).to(self.device_))
-                moments.update(z.cpu())
-        if moments.n == 0:
-            raise DataError(f"{self.name}.fit: no images to fit on")
-        if moments.n < 2:
-            raise DataError(f"{self.name}.fit: a covariance needs at least 2 normal images, got {moments.n}")
+        group = distributed.active()  # inside anomalab.distributed.scope(): each rank its batches, sums all-reduced
+
+        def extract() -> None:
+            nonlocal grid
+            with torch.inference_mode():
+                for batch in (batches if group is None else distributed.my_batches(batches, group)):
+                    batch = check_images(batch, what=f"{self.name}.fit")
+                    if not len(batch):
+                        continue
+                    z, grid = self.embed_patches(prepare(batch, shape).to(self.device_))
+                    moments.update(z.cpu())
+
+        if group is None:
+            extract()
+        else:
+            distributed.agree(extract, group)
+            distributed.all_reduce_moments(moments, group)
+            grid = self._grid(shape)
+        if moments.n == 0 or moments.n < 2:
+            error = DataError(f"{self.name}.fit: no images to fit on" if moments.n == 0 else
+                              f"{self.name}.fit: a covariance needs at least 2 normal images, got {moments.n}")
+            if group is None:
+                raise error
+            distributed.raise_everywhere(error)
         self.mean_ = (moments.s1 / moments.n).float().to(self.device_)
         self.precision_ = gaussian_precision(moments, float(self.eps)).to(self.device_)
         self.grid_ = list(grid)
@@ -153,6 +168,11 @@ class PaDiM(BaseDetector):
         self.threshold_ = None
         self.input_shape_ = shape
         return self
+
+    def _grid(self, shape) -> tuple[int, int]:
+        """(h, w) of the finest chosen level for a prepared input of `shape` (one blank image through the net)."""
+        with torch.inference_mode():
+            return self.embed_patches(torch.zeros((1, *shape), device=self.device_))[1]
 
     # ---- score ----------------------------------------------------------------------------------
     def _batched(self, fn, images: Tensor, batch_size: int | None) -> Tensor:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from anomalab import distributed
 from anomalab.data.transforms import check_images, prepare
 from anomalab.detector import BaseDetector
 from anomalab.detectors._features import (
@@ -46,6 +47,7 @@ class PatchCore(BaseDetector):
 
     name = "patchcore"
     onnx_exportable = True
+    distributable = True  # fit over ranks: all candidates gathered, one coreset over them (anomalab.distributed)
     _fitted_tensors = ("bank_",)
     _fitted_json = ("history_", "n_train_", "n_candidates_")
 
@@ -142,22 +144,48 @@ class PatchCore(BaseDetector):
         self._check_params()
         shape = self._model_shape()
         self._build(shape)
-        candidates: list[Tensor] = []
+        found: list[Tensor] = []
         n = 0
+        group = distributed.active()  # inside anomalab.distributed.scope(): see the branch below
+
+        def extract() -> None:
+            nonlocal n
+            with torch.inference_mode():
+                for batch in (batches if group is None else distributed.my_batches(batches, group)):
+                    batch = check_images(batch, what=f"{self.name}.fit")
+                    if not len(batch):
+                        continue
+                    z, _ = self.embed_patches(prepare(batch, shape).to(self.device_))
+                    found.append(z.reshape(-1, z.shape[-1]))
+                    n += len(batch)
+
+        if group is not None:
+            # each rank its batches; every rank's candidates gathered in the original order, so the pool is the
+            # whole one of one process; the coreset is selected once, on rank 0, and its indices broadcast
+            distributed.agree(extract, group)
+            candidates = [c.to(self.device_) for c in distributed.gather_in_order(found, group)]
+            counts = distributed.gather_in_order([torch.tensor([n])], group)
+            n = int(sum(int(c) for c in counts))
+        else:
+            extract()
+            candidates = found
         with torch.inference_mode():
-            for batch in batches:
-                batch = check_images(batch, what=f"{self.name}.fit")
-                if not len(batch):
-                    continue
-                z, _ = self.embed_patches(prepare(batch, shape).to(self.device_))
-                candidates.append(z.reshape(-1, z.shape[-1]))
-                n += len(batch)
             if n == 0:
-                raise DataError(f"{self.name}.fit: no images to fit on")
+                error = DataError(f"{self.name}.fit: no images to fit on")
+                if group is None:
+                    raise error
+                distributed.raise_everywhere(error)
             pool = torch.cat(candidates)
             del candidates
             keep = math.ceil(float(self.coreset_ratio) * len(pool))
-            idx = greedy_coreset(pool, keep, seed=int(self.seed), dims=self.coreset_dims).to(pool.device)
+            if group is None:
+                idx = greedy_coreset(pool, keep, seed=int(self.seed), dims=self.coreset_dims).to(pool.device)
+            else:
+                def select(rows: Tensor = pool) -> Tensor | None:
+                    return greedy_coreset(rows, keep, seed=int(self.seed), dims=self.coreset_dims) \
+                        if group.rank == 0 else None
+
+                idx = distributed.broadcast_tensor(distributed.agree(select, group), group).to(pool.device)
             self.bank_ = pool[idx].contiguous()
         self.n_candidates_ = len(pool)
         del pool

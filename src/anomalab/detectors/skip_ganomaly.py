@@ -38,11 +38,12 @@ class SkipGANomaly(PairedGANDetector):
     size >= 16 (MNIST 28x28 is resized to 32x32)."""
 
     name = "skip_ganomaly"
+    distributable = True  # every loss a mean over the batch's images (anomalab.distributed)
     onnx_exportable = True
 
     def __init__(self, width: int = 64, w_adv: float = 1.0, w_con: float = 50.0, w_lat: float = 1.0,
                  lam: float = 0.9, epochs: int = 15, batch_size: int = 64, lr: float = 2e-4,
-                 beta1: float = 0.5, bn_recalibrate: bool = False, seed: int = 0, device: str = "cpu"):
+                 beta1: float = 0.5, bn_recalibrate: bool = True, seed: int = 0, device: str = "cpu"):
         self.width = width  # ngf = ndf
         self.w_adv = w_adv  # w_adv: weight of the adversarial BCE loss
         self.w_con = w_con  # w_con: weight of the contextual L1 loss (official code 50; paper 40)

@@ -115,6 +115,16 @@ def write_table(out: Path, lines: Sequence[str], name: str = TABLE_FILE) -> str:
     return text
 
 
+def report_table(store: ResultStore, out: Path, table_lines) -> list[dict]:
+    """The stored rows (FileNotFoundError when there are none yet), with `table_lines(rows)` written to
+    out/results.md and printed: the start of every experiment's `report`."""
+    rows = store.rows()
+    if not rows:
+        raise FileNotFoundError(f"no results yet at {store.path}")
+    print(write_table(out, table_lines(rows)))
+    return rows
+
+
 def write_json(out: Path, results: dict, name: str = "results.json") -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / name

@@ -40,10 +40,10 @@ from anomalab.experiments._common import (
     open_store,
     parser,
     pyplot,
+    report_table,
     save_figure,
-    write_table,
 )
-from anomalab.params import validate
+from anomalab.params import signature_defaults, validate
 from anomalab.registry import REGISTRY, create, detector_class
 
 log = logging.getLogger(__name__)
@@ -105,8 +105,12 @@ def plan(name: str, epochs: int | None, extra: dict) -> tuple[dict, dict, str]:
         return extra, limits, " ".join(f"{k}={v}" for k, v in sorted(extra.items())) or "default"
     params = {**extra, **({"epochs": epochs} if epochs is not None else {})}
     validate(detector_class(name), params, owner=name)  # --epochs too
+    tagged = {**extra, **limits}
+    defaults = signature_defaults(detector_class(name))
+    if "bn_recalibrate" in defaults:  # always named: its default changed (rows before it say False)
+        tagged.setdefault("bn_recalibrate", defaults["bn_recalibrate"])
     budget = " ".join([f"epochs={epochs}" if epochs is not None else "epochs=paper",
-                       *(f"{k}={v}" for k, v in sorted({**extra, **limits}.items()))])
+                       *(f"{k}={v}" for k, v in sorted(tagged.items()))])
     return params, limits, budget
 
 
@@ -302,10 +306,7 @@ def table_lines(rows: list[dict]) -> list[str]:
 
 def report(store, out: Path) -> dict:
     """results.md and the figures, from the stored rows."""
-    rows = store.rows()
-    if not rows:
-        raise FileNotFoundError(f"no results yet at {store.path}")
-    print(write_table(out, table_lines(rows)))
+    rows = report_table(store, out, table_lines)
     auroc_bars(rows, out / "auroc_bars.png")
     curves = [r for r in rows if r["detector"] == "ganomaly" and r.get("steps")]
     if curves:

@@ -96,3 +96,39 @@ class Decoder28(nn.Module):
         return self.head(self.conv1(x)).sigmoid()
 
 
+
+
+class EncoderMLP(nn.Module):
+    """The fully-connected VAE encoder of the continual-learning reference (Wiewel & Yang 2019): the image
+    flattened, Linear(C*H*W, 400) ReLU, Linear(400, 200) ReLU, then mean = Linear(200, z) and
+    std = softplus(Linear(200, z)). Same interface as Encoder28(variational=True)."""
+
+    def __init__(self, in_features: int, latent_dim: int, hidden: tuple[int, int] = (400, 200)):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden[0]), nn.ReLU(),
+                                  nn.Linear(hidden[0], hidden[1]), nn.ReLU())
+        self.mean = nn.Linear(hidden[1], latent_dim)
+        self.std = nn.Linear(hidden[1], latent_dim)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.body(x)
+        return self.mean(h), F.softplus(self.std(h))
+
+    def posterior(self, x: Tensor) -> Normal:
+        mean, std = self(x)
+        return Normal(mean, std)
+
+
+class DecoderMLP(nn.Module):
+    """z (N, latent) -> Linear(z, 200) ReLU, Linear(200, 400) ReLU, Linear(400, C*H*W) sigmoid, reshaped
+    to (N, C, H, W): the mirror of EncoderMLP."""
+
+    def __init__(self, shape: tuple[int, int, int], latent_dim: int, hidden: tuple[int, int] = (400, 200)):
+        super().__init__()
+        self.shape = tuple(shape)
+        n = self.shape[0] * self.shape[1] * self.shape[2]
+        self.body = nn.Sequential(nn.Linear(latent_dim, hidden[1]), nn.ReLU(), nn.Linear(hidden[1], hidden[0]),
+                                  nn.ReLU(), nn.Linear(hidden[0], n))
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.body(z).sigmoid().view(len(z), *self.shape)

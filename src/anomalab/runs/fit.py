@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from anomalab.errors import ParameterError, StrategyError
+from anomalab import distributed
+from anomalab.errors import NotSupportedError, ParameterError, StrategyError
 from anomalab.report.figures import calibration_figures, evaluation_figures
 from anomalab.runs.folder import CONFIG_FILE, RunWriter
 from anomalab.types import Evaluation, ImageSet
@@ -56,13 +57,18 @@ def _train_and_write(run: RunWriter, det, train_fn: Callable[[ImageSet], None], 
     # cross-fitting (calib_folds >= 2): the detector trains on every image, each scored out-of-fold for the threshold
     fit_set, calib = ((train, None) if calib_folds >= 2
                       else calibration_split(train, calib_frac, seed=config["calibration_seed"]))
+    if run is None:  # a rank other than 0 under torchrun: its part of the training, nothing written
+        with distributed.scope():
+            train_fn(fit_set)
+        return None, None
     config.update({"n_train": len(fit_set), "n_calibration": len(train) if calib_folds >= 2
                    else 0 if calib is None else len(calib)})
     with run:
         run.write_json(CONFIG_FILE, config)
         n_before = len(getattr(det, "history_", None) or [])
         t0 = time.perf_counter()
-        train_fn(fit_set)
+        with distributed.scope():  # over every rank under torchrun; what follows runs on rank 0 alone
+            train_fn(fit_set)
         fit_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         try:
@@ -108,7 +114,8 @@ def _train_and_write(run: RunWriter, det, train_fn: Callable[[ImageSet], None], 
 
 def fit_run(detector: str, params: dict[str, Any], data_spec: str, out: str | Path, *, max_fpr: float = 0.01,
             calib_frac: float = 0.1, calib_folds: int | None = None, overwrite: bool = False,
-            command: str | None = None, figures: bool = True) -> tuple[Any, Evaluation | None, Path]:
+            command: str | None = None, figures: bool = True, tile: int | None = None,
+            overlap: int = 0) -> tuple[Any, Evaluation | None, Path]:
     """Fit `detector` on the spec's normal images, fit its thresholds on normal images it did not train on,
     evaluate on the spec's test set (if any), and write the run folder `out` (atomically; see runs.folder),
     with the normal scores the thresholds rest on in calibration.json (`anomalab.thresholds`).
@@ -117,31 +124,66 @@ def fit_run(detector: str, params: dict[str, Any], data_spec: str, out: str | Pa
     images), 0 = hold out `calib_frac` of the training images, k >= 2 = k-fold cross-fitting (every training
     image scored by a detector fitted without it; the saved detector is fitted on all of them). config.json
     records the folds and, as calib_frac, the share left out of the saved detector's training (0 when
-    cross-fitting)."""
+    cross-fitting).
+
+    tile, overlap: fit and score on overlapping tile x tile tiles of the full-resolution images instead of
+    the whole images (`anomalab.tiling`): the detector is a TiledDetector, config.json records the tiling and
+    the saved detector keeps it (detector/tiling.json), so thresholds, evaluation, score and predict all
+    follow it. None: whole images, as without tiling."""
     from anomalab.data.specs import check_spec, inputs_of, load_spec
     from anomalab.registry import create
     from anomalab.thresholds import check_folds, choose_folds
 
-    det = create(detector, **params)  # bad names / types / values fail here, before anything is read or written
-    check_fractions(max_fpr, calib_frac)
-    check_folds(calib_folds)
-    check_spec(data_spec)
-    run = RunWriter(out, overwrite=overwrite, inputs=inputs_of(data_spec))
+    group = distributed.group()  # under torchrun: every rank trains, rank 0 alone writes (anomalab.distributed)
+
+    def make(**kwargs):
+        det = create(detector, **kwargs)
+        if tile is None:
+            return det
+        from anomalab.tiling import TiledDetector
+
+        return TiledDetector(det, tile, overlap)
+
+    def checked():
+        if tile is None and overlap:
+            raise ParameterError("--overlap needs --tile (the tile size in pixels)")
+        det = make(**params)  # bad names / types / values fail here, before anything is read or written
+        check_fractions(max_fpr, calib_frac)
+        check_folds(calib_folds)
+        check_spec(data_spec)
+        if group is not None:
+            distributed.check_supported(det)
+            det.progress = group.rank == 0
+        return det
+
+    det = distributed.agree(checked)
+    run = distributed.agree(lambda: RunWriter(out, overwrite=overwrite, inputs=inputs_of(data_spec))
+                            if distributed.rank() == 0 else None)
     try:
-        train, test, info = load_spec(data_spec)
+        train, test, info = distributed.agree(lambda: load_spec(data_spec))
+        if tile is not None and min(train.shape[1:]) < tile:
+            from anomalab.errors import DataError
+
+            raise DataError(f"--tile {tile} is larger than the {train.shape[1]}x{train.shape[2]} (H x W) training "
+                            f"images of {data_spec}: use --tile {min(train.shape[1:])} or less (images are never "
+                            "padded or upscaled)")
         folds = choose_folds(detector, len(train), calib_folds)
     except BaseException:
-        run.close()
+        if run is not None:
+            run.close()
         raise
     config = {"detector": detector, "params": det.get_params(), "data": data_spec, "data_name": info["name"],
               "calib_frac": 0.0 if folds >= 2 else calib_frac, "calib_folds": folds,
               "calib_folds_auto": calib_folds is None and folds >= 2,
               "calibration_seed": int(getattr(det, "seed", 0) or 0),
               "max_fpr": max_fpr, "command": command or " ".join(sys.argv)}
+    if tile is not None:
+        config.update({"tile": tile, "overlap": overlap})
     ev, path = _train_and_write(run, det, det.fit, lambda p: det.save(p / "detector"), train, test, info,
                                 config, calib_frac=calib_frac, max_fpr=max_fpr, figures=figures,
-                                title=f"{detector} on {info['name']}", calib_folds=folds,
-                                make_fold=lambda: create(detector, **det.get_params()))
+                                title=f"{detector} on {info['name']}"
+                                + ("" if tile is None else f" (tiles {tile}, overlap {overlap})"),
+                                calib_folds=folds, make_fold=lambda: make(**det.get_params()))
     return det, ev, path
 
 
@@ -181,9 +223,15 @@ def continue_run(detector: str, params: dict[str, Any], data_spec: str, out: str
     from anomalab.params import choose, validate
     from anomalab.runs.folder import RunFolder
 
+    if distributed.group() is not None:
+        distributed.raise_everywhere(NotSupportedError("--continue-from (continual learning) cannot run under "
+                                                       "torchrun: run it in one process"))
     check_fractions(max_fpr, calib_frac)
     old = RunFolder(continue_from)
     old_config = old.config
+    if old_config.get("tile") is not None:
+        raise NotSupportedError(f"{old.path} is a tiled run (--tile {old_config['tile']}): continual learning "
+                                "does not support tiled runs; fit a new tiled run instead")
     prior = old_config.get("continual", {})
     strategy = choose(strategy or prior.get("strategy") or "replay", STRATEGIES, "strategy")
     training = {k: params.pop(k) for k in ("epochs", "lr", "batch_size") if k in params}

@@ -72,6 +72,12 @@ class ServedModel:
 
         self.run_dir = Path(run_dir)
         self.det = load(self.run_dir)
+        if getattr(self.det, "tiling", None) is not None:
+            from anomalab.errors import NotSupportedError
+
+            raise NotSupportedError(f"{self.run_dir} is a tiled run (--tile {self.det.tile}): serve scores every "
+                                    "upload at the model's input size; score tiled runs with `anomalab score` "
+                                    "or `anomalab predict`")
         self.threshold = self.det.threshold_
         self.shape = tuple(int(s) for s in self.det.input_shape_)
         self.batch_size = int(batch_size)

@@ -26,6 +26,8 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from anomalab import distributed
+from anomalab.errors import NotSupportedError
 from anomalab.train.loop import Batches, run_epochs, seed_everything
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,9 @@ class EpochTrained:
 
     continual_strategies: ClassVar[tuple[str, ...]] = ()
     min_steps: ClassVar[int] = MIN_STEPS
+    # True where one training step is exact over several ranks (`anomalab.distributed`): every loss a mean over
+    # the batch's images, every random draw made for the whole global batch; the others refuse under torchrun
+    distributable: ClassVar[bool] = False
     progress: bool = True
     on_step: OnStep | None = None
     optimizers_: dict[str, torch.optim.Optimizer] | None = None  # built by the first train_more
@@ -154,7 +159,38 @@ class EpochTrained:
 
         if epochs is None:
             epochs = self.fit_epochs(len(x))
+        group = distributed.active()
+        if group is not None:
+            self._train_distributed(x, epochs, step or self._train_step, callback, step, desc, group, generator)
+            return
         with self._training_data(x) as data:
             loader = Batches(data, self.batch_size, shuffle=True, generator=generator)
             self.history_ += run_epochs(run, loader, epochs, progress=self.progress, desc=desc or f"{self.name} fit")
+            self._after_training(data)
+
+    def _train_distributed(self, x: Tensor, epochs: int, run: Step, callback: OnStep | None, step: Step | None,
+                           desc: str | None, group: distributed.Group, generator: torch.Generator) -> None:
+        """`train_more` over the ranks of `anomalab.distributed` (inside `distributed.scope()`): the same
+        shuffled global batches on every rank, each rank stepping on its share (see that module); the result
+        equals one process's to float rounding. Refuses detectors and custom steps it cannot make exact."""
+        def check() -> None:
+            if not self.distributable:
+                distributed.check_supported(self)
+            if step is not None:
+                raise NotSupportedError(f"{self.name}: a custom training step (continual learning) cannot be "
+                                        "distributed; run it in one process")
+            distributed.check_batches(len(x), int(self.batch_size), group, self.name)
+
+        distributed.agree(check, group)
+        with self._training_data(x) as data:
+            loader = Batches(data, self.batch_size, shuffle=True, generator=generator)
+            with distributed.synced_training(self._nets(), self.optimizers_, group) as synced:
+                def global_step(batch: Tensor) -> dict[str, float]:
+                    logs = synced(batch, run)  # the whole batch's values, on every rank
+                    if callback is not None:
+                        callback(logs)
+                    return logs
+
+                self.history_ += run_epochs(global_step, loader, epochs, progress=self.progress and group.rank == 0,
+                                            desc=desc or f"{self.name} fit ({group.world} processes)")
             self._after_training(data)

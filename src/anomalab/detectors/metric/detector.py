@@ -11,7 +11,8 @@ Training modes (what the classifier learns to separate):
   anomaly_twin  every normal image twinned; the twin (label 1) gets a fresh random scar each epoch
                 (experiment 3, self-supervised: uses no defect knowledge)
   tuned_twin    as anomaly_twin, but twins get defects shaped after the KNOWN defect modes
-                (`tuned_defects`; experiment 4). Uses defect knowledge: not a fair anomaly detector.
+                (`tuned_defects`, each with the generator options of `defect_options`; experiment 4).
+                Uses defect knowledge: not a fair anomaly detector.
 
 CPU budget choices (ours, documented): input side `image_size` (default 128, the source used 224), only
 the last `train_blocks` MBConv blocks + the head convolution + the embedding are trained, and all batch
@@ -38,13 +39,34 @@ from anomalab.types import ImageSet
 MODES = ("multiclass", "binary", "anomaly_twin", "tuned_twin")
 
 
-def make_twins(images: Tensor, rng: np.random.Generator, defects: tuple[str, ...] = ("scar",)) -> Tensor:
-    """A defective copy of every image (N, C, H, W): each gets one defect drawn from `defects`."""
+def make_twins(images: Tensor, rng: np.random.Generator, defects: tuple[str, ...] = ("scar",),
+               options: dict[str, dict] | None = None) -> Tensor:
+    """A defective copy of every image (N, C, H, W): each gets one defect drawn from `defects`, made with
+    the generator's keyword options `options[name]` (anomalab.generate.defects; default: its own)."""
     out = torch.empty_like(images)
+    options = options or {}
     for i, img in enumerate(images):
         name = defects[int(rng.integers(len(defects)))]
-        out[i] = DEFECTS[name](img, rng)[0]
+        out[i] = DEFECTS[name](img, rng, **options.get(name, {}))[0]
     return out
+
+
+def check_defect_options(defects: tuple[str, ...], options: dict | None, owner: str = "metric") -> None:
+    """ParameterError unless every kind is a generator of DEFECTS and every option one of its keywords."""
+    import inspect
+
+    unknown = [d for d in defects if d not in DEFECTS]
+    if unknown:
+        raise ParameterError(f"{owner}: unknown tuned_defects {unknown}; known: {', '.join(DEFECTS)}")
+    for kind, opts in (options or {}).items():
+        if kind not in DEFECTS:
+            raise ParameterError(f"{owner}: defect_options names an unknown defect '{kind}'; "
+                                 f"known: {', '.join(DEFECTS)}")
+        allowed = [k for k in inspect.signature(DEFECTS[kind]).parameters if k not in ("image", "rng")]
+        bad = [k for k in opts if k not in allowed]
+        if bad:
+            raise ParameterError(f"{owner}: defect '{kind}' has no option {', '.join(bad)}; "
+                                 f"its options: {', '.join(allowed)}")
 
 
 class _EpochBatches:
@@ -87,6 +109,7 @@ class Metric(BaseDetector):
         image_size: int = 128,  # input side in pixels (source: 224)
         train_blocks: int = 2,  # last MBConv blocks trained (0-16) besides the head conv + embedding
         tuned_defects: tuple[str, ...] = TEST_DEFECTS,  # tuned_twin only: the known defect modes
+        defect_options: dict | None = None,  # tuned_twin only: {defect: {generator keyword: value}}
         cam_level: int = 6,  # feature level (2-9) whose activations Grad-CAM weighs
         epochs: int = 8,
         batch_size: int = 32,
@@ -104,6 +127,7 @@ class Metric(BaseDetector):
         self.image_size = image_size
         self.train_blocks = train_blocks
         self.tuned_defects = tuned_defects
+        self.defect_options = defect_options
         self.cam_level = cam_level
         self.epochs = epochs
         self.batch_size = batch_size
@@ -185,9 +209,7 @@ class Metric(BaseDetector):
             check_images(train, what=f"{self.name}.fit")
             train = ImageSet(images=train)
         if self.mode == "tuned_twin":
-            unknown = [d for d in self.tuned_defects if d not in DEFECTS]
-            if unknown:
-                raise ParameterError(f"unknown tuned_defects {unknown}; known: {', '.join(DEFECTS)}")
+            check_defect_options(tuple(self.tuned_defects), self.defect_options, self.name)
         if int(self.cam_level) not in LEVELS[1:]:
             raise ParameterError(f"cam_level must be in 2..9, got {self.cam_level}")
         self.num_classes_ = self._num_classes(train)
@@ -213,13 +235,14 @@ class Metric(BaseDetector):
                 return h, y
         else:
             defects = ("scar",) if self.mode == "anomaly_twin" else tuple(self.tuned_defects)
+            options = None if self.mode == "anomaly_twin" else self.defect_options
             originals = train.images
             y = torch.cat([torch.zeros(len(x), dtype=torch.long), torch.ones(len(x), dtype=torch.long)])
             reference = x
             h_originals = self._frozen_batched(x, desc=f"{self.name} features")
 
             def epoch():
-                twins = prepare(make_twins(originals, rng, defects), shape)
+                twins = prepare(make_twins(originals, rng, defects, options), shape)
                 return torch.cat([h_originals, self._frozen_batched(twins)]), y
 
         params = [p for net in self._nets().values() for p in net.parameters() if p.requires_grad]
