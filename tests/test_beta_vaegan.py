@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -156,14 +158,53 @@ def test_generate_command_writes_pseudo_anomalies(teacher, added, tmp_path):
     result = CliRunner().invoke(main, ["generate", str(tmp_path / "run"), "--images", str(tmp_path / "in"),
                                        "--degree", "0.8", "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    # untrained added dim (zero init): every input sits at 0 on it, and the command says so
-    assert "added dim set to 0.8" in result.output and "mean 0.00, range 0.00 .. 0.00" in result.output
+    # untrained added dim (zero init): every input and the whole trained range sit at 0, and the command says so
+    assert "degree 0.8 = 0.00 on the added dim (degree 0 = 0.00" in result.output
+    assert "mean 0.00, range 0.00 .. 0.00" in result.output
+    assert json.loads((tmp_path / "out" / "generate.json").read_text())["range"] == [0.0, 0.0]
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert written == ["generate.json", "sprite0.png", "sprite1.png"]  # generate.json: how they were made
     assert Image.open(tmp_path / "out" / "sprite0.png").size == (64, 64)
     result = CliRunner().invoke(main, ["generate", str(tmp_path / "in"), "--images", str(tmp_path / "in"),
                                        "--out", str(tmp_path / "out2")])
     assert result.exit_code == 2 and "no saved beta_vaegan model" in result.output
+    for bad in ("1.5", "-0.1", "nan"):  # outside the trained range, or not a number: one line, nothing written
+        result = CliRunner().invoke(main, ["generate", str(tmp_path / "run"), "--images", str(tmp_path / "in"),
+                                           "--degree", bad, "--out", str(tmp_path / "out3")])
+        assert result.exit_code == 2 and "degree must be a number from 0" in result.output, result.output
+        assert not (tmp_path / "out3").exists()
+    s.degree_range_ = None  # as a model saved before the range was recorded
+    s.save(tmp_path / "old" / "model")
+    result = CliRunner().invoke(main, ["generate", str(tmp_path / "old"), "--images", str(tmp_path / "in"),
+                                       "--out", str(tmp_path / "out4")])
+    assert result.exit_code == 2 and "has no degree range" in result.output and not (tmp_path / "out4").exists()
+
+
+def test_degree_maps_zero_to_the_normal_images_and_one_to_the_strongest_added_level(teacher, added, tmp_path):
+    s = BetaVAEGAN(gamma=1.0, steps=4, batch_size=8, seed=0)
+    s.progress = False
+    s.fit(teacher, added, steps=0)
+    s.train_more(2)  # the added dim (zero at the start) now reads something
+    lo, hi = s.degree_range_
+    assert lo != hi
+    rng = np.random.default_rng([s.seed, 7])  # the draw calibrate_degree makes, recomputed here
+    originals = s.original_.sample(512, rng)[0]
+    pick = torch.from_numpy(rng.integers(0, len(s.added_), size=512))
+    codes = s.encode(s.added_[pick].float() / 255)[:, s.added_dim]
+    assert lo == pytest.approx(float(s.encode(originals)[:, s.added_dim].median()), abs=1e-6)
+    q = 0.95 if float(codes.median()) >= lo else 0.05
+    assert hi == pytest.approx(float(torch.quantile(codes, q)), abs=1e-6)
+    assert s.degree_code(0) == pytest.approx(lo) and s.degree_code(1) == pytest.approx(hi)
+    assert s.degree_code(0.25) == pytest.approx(lo + 0.25 * (hi - lo))
+    white = DSprites().images(np.array([0, 300_000]))
+    torch.testing.assert_close(s.generate_degree(white, 0.5), s.generate(white, lo + 0.5 * (hi - lo)))
+    s.save(tmp_path / "s")
+    assert BetaVAEGAN.load(tmp_path / "s").degree_range_ == (lo, hi)
+    meta = json.loads((tmp_path / "s" / "model.json").read_text())
+    meta["degree_range"] = [0.0, "x"]
+    (tmp_path / "s" / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(LoadError, match="degree_range must be two finite numbers"):
+        BetaVAEGAN.load(tmp_path / "s")
 
 
 def test_teacher_kl_warmup_ramps_beta():

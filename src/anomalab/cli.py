@@ -550,31 +550,29 @@ GENERATED_MARKER = "generate.json"
 @click.option("--images", required=True, type=click.Path(exists=True, file_okay=False),
               help="folder of normal images to start from.")
 @click.option("--degree", default=0.5, show_default=True, type=float,
-              help="value of the added latent dimension (larger = stronger anomaly); the command prints where the "
-                   "input images themselves sit on it.")
+              help="strength of the added feature, 0 (as the normal images) to 1 (the strongest level the model "
+                   "was trained on), mapped linearly onto the added latent dimension's trained range.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="new folder to write PNGs into.")
 @click.option("--overwrite", is_flag=True, help="replace a folder this command wrote before (never another).")
 def generate(run_dir, images, degree, out, overwrite) -> None:
     """Generate pseudo-anomalies of a chosen --degree from the normal images in --images with the beta-VAEGAN
     saved in RUN_DIR."""
-    import math
-
-    from anomalab.errors import ParameterError
-    from anomalab.generate.beta_vaegan.generate import generate_folder
+    from anomalab.generate.beta_vaegan.generate import generate_folder, load_generator
     from anomalab.runs.atomic import staged_dir
     from anomalab.runs.outputs import check_output_dir
 
-    if not math.isfinite(degree):
-        raise ParameterError(f"--degree must be a finite number, got {degree}")
+    load_generator(run_dir).degree_code(degree)  # a bad --degree or an old model: one line, nothing written
     check_output_dir(out, overwrite=overwrite, inputs=[images, run_dir],
                      replaceable=lambda p: (p / GENERATED_MARKER).is_file(), what="generate output")
     with staged_dir(out) as tmp:
-        paths, own = generate_folder(run_dir, images, degree, tmp)
+        paths, own, info = generate_folder(run_dir, images, degree, tmp)
         (tmp / GENERATED_MARKER).write_text(json.dumps(
-            {"run": str(run_dir), "images": str(images), "degree": degree, "files": [p.name for p in paths]},
-            indent=1))
-    click.echo(f"wrote {len(paths)} images to {out} (added dim set to {degree:g}; the input images' own codes on "
-               f"it: mean {own.mean():.2f}, range {own.min():.2f} .. {own.max():.2f})")
+            {"run": str(run_dir), "images": str(images), "degree": degree, **info,
+             "files": [p.name for p in paths]}, indent=1))
+    lo, hi = info["range"]
+    click.echo(f"wrote {len(paths)} images to {out}: degree {degree:g} = {info['code']:.2f} on the added dim (degree "
+               f"0 = {lo:.2f}, where the normal images sit; 1 = {hi:.2f}, the strongest trained level); the input "
+               f"images' own codes on it: mean {own.mean():.2f}, range {own.min():.2f} .. {own.max():.2f}")
 
 
 def _experiments() -> list[str]:

@@ -218,6 +218,7 @@ def run_cell(exp: int, head: str, seed: int, data: dict, args) -> list[dict]:
                 cell_figures(det, reference, test, f"{mode}_{head}_{c}", args.out)
     for r in rows:
         r["cell_wall_s"], r["cell_cpu_s"] = clock.wall_s, clock.cpu_s
+        r["threads"] = torch.get_num_threads()  # results are bit-identical at one thread count, not across them
     return rows
 
 

@@ -196,6 +196,15 @@ class LatentModel(Params):
             sd["state"] = state
             opt.load_state_dict(sd)  # moves the moments to the parameters' device
 
+    extra_meta_keys: ClassVar[tuple[str, ...]] = ()  # the keys `_meta_extra` writes (optional when loading)
+
+    def _meta_extra(self) -> dict[str, Any]:
+        """Fitted values a subclass keeps in model.json besides the common keys."""
+        return {}
+
+    def _load_meta_extra(self, meta: dict[str, Any], meta_file: Path) -> None:
+        """Read back what `_meta_extra` wrote (LoadError naming `meta_file` when it is malformed)."""
+
     def save(self, path: str | Path) -> None:
         """Write `path/weights.safetensors`, `path/optimizer.safetensors` (to resume training) and
         `path/model.json` as one folder, atomically (see `anomalab.detector.write_saved_folder`): `path`
@@ -205,7 +214,8 @@ class LatentModel(Params):
         weights = nets_state(self._nets())
         optimizer_state = self._optimizer_state()  # empty when not trained yet: no file then
         meta = {"format_version": FORMAT_VERSION, "anomalab_version": __version__, "name": self.name,
-                "params": self.get_params(), "steps_done": self.steps_done_, "history": self.history_}
+                "params": self.get_params(), "steps_done": self.steps_done_, "history": self.history_,
+                **self._meta_extra()}
         text = json.dumps(meta, indent=1)
 
         def write(folder: Path) -> None:
@@ -221,7 +231,7 @@ class LatentModel(Params):
         """The model saved in `path` (on `device` if given). Like a detector's load, every file is checked
         first; each problem is a one-line LoadError naming the file."""
         path = Path(path)
-        meta = read_meta(path, META_FILE, keys=MODEL_KEYS)
+        meta = read_meta(path, META_FILE, keys=MODEL_KEYS + cls.extra_meta_keys)
         meta_file, weights_file, optimizer_file = path / META_FILE, path / WEIGHTS_FILE, path / OPTIMIZER_FILE
         if meta["name"] != cls.name:
             raise LoadError(f"{path} holds a '{meta['name']}' model, not '{cls.name}'")
@@ -255,6 +265,7 @@ class LatentModel(Params):
             raise LoadError(f"{weights_file}: weights do not fit {cls.name}: {reason}") from None
         model.steps_done_ = steps
         model.history_ = list(history)
+        model._load_meta_extra(meta, meta_file)
         if optimizer_state is not None:  # folders saved before it existed resume with fresh moments
             owners = {k for k, v in vars(model).items() if isinstance(v, torch.optim.Optimizer)}
             bad = sorted(k for k in optimizer_state

@@ -1,5 +1,6 @@
 """Pseudo-anomalies from a saved beta-VAEGAN: encode normal images, set the added dimension to the chosen
-degree, decode, write PNGs (what `anomalab generate RUN_DIR --images DIR --degree 0.5 --out DIR` runs)."""
+degree (0 .. 1 over the added dimension's trained range), decode, write PNGs (what `anomalab generate RUN_DIR
+--images DIR --degree 0.5 --out DIR` runs)."""
 
 from __future__ import annotations
 
@@ -35,16 +36,17 @@ def output_names(names: list[str]) -> list[str]:
 
 
 def generate_folder(run_dir: str | Path, images: str | Path, degree: float, out: str | Path
-                    ) -> tuple[list[Path], np.ndarray]:
-    """Write one pseudo-anomaly per image of the folder `images` into `out` (same file stem, .png, 64x64
-    RGB); returns the written paths and the images' own codes on the added dim (where "normal" sits on
-    the degree scale of this model)."""
+                    ) -> tuple[list[Path], np.ndarray, dict]:
+    """Write one pseudo-anomaly of `degree` (0 = as the normal images .. 1 = the strongest trained level,
+    `BetaVAEGAN.degree_code`) per image of the folder `images` into `out` (same file stem, .png, 64x64
+    RGB); returns the written paths, the images' own codes on the added dim and {"code", "range"}."""
     model = load_generator(run_dir)
+    code = model.degree_code(degree)  # a bad degree or a model without a range: one line, nothing read
     data = load_folder(images, size=64, channels=3, on_error="raise")
     if len(data) == 0:
         raise FileNotFoundError(f"no images in {images}")
     own = model.encode(data.images)[:, model.added_dim].numpy()
-    fakes = model.generate(data.images, degree)
+    fakes = model.generate(data.images, code)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -52,4 +54,4 @@ def generate_folder(run_dir: str | Path, images: str | Path, degree: float, out:
         path = out / name
         Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
         paths.append(path)
-    return paths, own
+    return paths, own, {"code": code, "range": list(model.degree_range_)}

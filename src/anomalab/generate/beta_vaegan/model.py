@@ -24,6 +24,8 @@ the same forward pass (simultaneous gradient steps) to save a D pass per step.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -43,12 +45,17 @@ from anomalab.generate.beta_vaegan.nets import Decoder64, Discriminator64, Encod
 from anomalab.generate.beta_vaegan.teacher import BetaVAE
 from anomalab.types import ImageSet
 
+DEGREE_SAMPLES = 512  # images encoded to measure the added dimension's trained range
+
 
 class BetaVAEGAN(LatentModel):
     """Student generator. encode -> (N, k + a) means; generate(images, degree) -> pseudo-anomalies."""
 
     name = "beta_vaegan"
     channels = 3
+    # (code of degree 0, code of degree 1) on the added dimension, measured after training (calibrate_degree)
+    degree_range_: tuple[float, float] | None = None
+    extra_meta_keys = ("degree_range",)
 
     def __init__(self, latent_dim: int = 5, added_dims: int = 1, beta: float = 4.0, gamma: float = 1.0,
                  w_kd: float = 1.0, w_feature: float = 1.0, w_pixel: float = 1.0, w_adv: float = 1.0,
@@ -218,6 +225,61 @@ class BetaVAEGAN(LatentModel):
         self.optimizer_.step()
         self.optimizer_d_.step()
         return logs
+
+    def train_more(self, steps: int) -> None:
+        super().train_more(steps)
+        if getattr(self, "teacher_", None) is not None:  # the training data is attached: measure the range
+            self.degree_range_ = self.calibrate_degree()
+
+    @torch.no_grad()
+    def calibrate_degree(self, n: int = DEGREE_SAMPLES) -> tuple[float, float]:
+        """Where the trained data sit on the added dimension: (the median code of n original images, the
+        code of the strongest added level, read as the 95th percentile of the added images' codes in the
+        direction away from the originals'). `generate_degree` maps degree 0 .. 1 onto that range."""
+        rng = np.random.default_rng([self.seed, 7])
+        originals = self.original_.sample(n, rng)[0]
+        added = self.added_[torch.from_numpy(rng.integers(0, len(self.added_), size=n))].float() / 255
+        lo = float(self.encode(originals)[:, self.added_dim].median())
+        codes = self.encode(added)[:, self.added_dim]
+        up = float(codes.median()) >= lo
+        hi = float(torch.quantile(codes, 0.95 if up else 0.05))
+        return lo, hi
+
+    def _meta_extra(self) -> dict:
+        return {"degree_range": None if self.degree_range_ is None else list(self.degree_range_)}
+
+    def _load_meta_extra(self, meta: dict, meta_file) -> None:
+        from anomalab.errors import LoadError
+
+        value = meta.get("degree_range")
+        if value is None:
+            self.degree_range_ = None
+            return
+        finite = isinstance(value, list) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+        if not finite or len(value) != 2:
+            raise LoadError(f"{meta_file}: degree_range must be two finite numbers, got {value!r}")
+        self.degree_range_ = (float(value[0]), float(value[1]))
+
+    def degree_code(self, degree: float) -> float:
+        """The added dimension's code for a user degree in [0, 1]: 0 = where the normal images sit, 1 = the
+        strongest trained level (`degree_range_`), linear in between."""
+        from anomalab.errors import NotFittedError, ParameterError
+
+        if isinstance(degree, bool) or not isinstance(degree, (int, float)) or not math.isfinite(degree) \
+                or not 0 <= degree <= 1:
+            raise ParameterError(f"degree must be a number from 0 (as the normal images) to 1 (the strongest "
+                                 f"trained level of the added feature), got {degree!r}")
+        if self.degree_range_ is None:
+            raise NotFittedError(f"this {self.name} model has no degree range (saved before it was recorded, or "
+                                 "never trained with its data): train it further, or call generate(images, code) "
+                                 "with a code of the added dimension")
+        lo, hi = self.degree_range_
+        return lo + float(degree) * (hi - lo)
+
+    def generate_degree(self, images: Tensor, degree: float) -> Tensor:
+        """Pseudo-anomalies of a user degree in [0, 1] (see `degree_code`) -> (N, 3, 64, 64)."""
+        return self.generate(images, self.degree_code(degree))
 
     # ---- generation ----------------------------------------------------------------------------
     def generate(self, images: Tensor, degree: float | Tensor) -> Tensor:
