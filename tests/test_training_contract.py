@@ -195,3 +195,28 @@ def test_anogan_replay_feeds_its_step_decoded_samples_of_a_frozen_generator(task
         with torch.no_grad():
             expected = frozen(torch.randn(n_replay, det.latent_dim, generator=g))
         torch.testing.assert_close(replayed, expected)  # in [-1, 1], as the step's real images
+
+
+def test_moments_take_their_parameters_layout_before_a_fused_step():
+    """torch's fused CPU Adam pairs a parameter with its moments in memory order: moments in another layout
+    (loaded from a file while the net trains in channels_last) give a wrong step unless re-laid out."""
+    from anomalab.train.epochs import match_state_layout
+
+    def run(align: bool, fused: bool = True) -> torch.Tensor:
+        p = torch.nn.Parameter(torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(0)))
+        p.data = p.data.contiguous(memory_format=torch.channels_last)
+        opt = torch.optim.Adam([p], lr=0.1, fused=fused)
+        p.grad = (torch.arange(48.0).view(4, 3, 2, 2) / 10).contiguous(memory_format=torch.channels_last)
+        opt.step()
+        for k in ("exp_avg", "exp_avg_sq"):  # as if saved and loaded: the default layout
+            opt.state[p][k] = opt.state[p][k].contiguous()
+        if align:
+            match_state_layout([opt])
+            assert all(opt.state[p][k].stride() == p.stride() for k in ("exp_avg", "exp_avg_sq"))
+        p.grad = (torch.arange(48.0).view(4, 3, 2, 2).flip(0) / 7).contiguous(memory_format=torch.channels_last)
+        opt.step()
+        return p.detach().contiguous()
+
+    reference = run(align=False, fused=False)  # the per-element loop is layout-safe
+    torch.testing.assert_close(run(align=True), reference)
+    assert not torch.allclose(run(align=False), reference, atol=1e-4)  # the bug this guards against

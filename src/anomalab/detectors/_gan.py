@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from anomalab import distributed
 from anomalab.detector import BaseDetector
 from anomalab.nets.dcgan import DCDiscriminator, dcgan_init
-from anomalab.train.epochs import EpochTrained
+from anomalab.train.epochs import EpochTrained, match_state_layout
 from anomalab.train.loop import Batches
 from anomalab.types import ImageSet
 
@@ -92,6 +92,7 @@ class GANDetector(EpochTrained, BaseDetector):
         nets = list(self._nets().values())
         for net in nets:
             net.train().to(memory_format=torch.channels_last)
+        match_state_layout((self.optimizers_ or {}).values())  # the fused Adam needs moments in the same layout
         try:
             yield to_signed(x).to(self.device_).contiguous(memory_format=torch.channels_last)
         finally:

@@ -16,6 +16,7 @@ from anomalab.data.dsprites import DSprites
 from anomalab.generate.beta_vaegan._base import LatentModel
 from anomalab.generate.beta_vaegan.losses import bernoulli_nll, kl_to_standard_normal
 from anomalab.generate.beta_vaegan.nets import Decoder64, Encoder64
+from anomalab.train.epochs import match_state_layout
 
 
 class BetaVAE(LatentModel):
@@ -40,7 +41,7 @@ class BetaVAE(LatentModel):
         self.encoder_ = Encoder64(self.channels, self.latent_dim)
         self.decoder_ = Decoder64(self.channels, self.latent_dim)
         params = [*self.encoder_.parameters(), *self.decoder_.parameters()]
-        self.optimizer_ = torch.optim.Adam(params, lr=self.lr)
+        self.optimizer_ = torch.optim.Adam(params, lr=self.lr, fused=True)  # one kernel for all parameters
 
     def _nets(self):
         return {"encoder": self.encoder_, "decoder": self.decoder_}
@@ -73,9 +74,23 @@ class BetaVAE(LatentModel):
         loss = rec + self.beta_now * kl
         return loss, {"loss": loss.item(), "rec": rec.item(), "kl": kl.item()}
 
+    def train_more(self, steps: int) -> None:
+        """As `LatentModel.train_more`, with the nets in the channels_last memory format while they train
+        (about 1.2x the steps per second on a CPU: benchmarks/bench_teacher.py); they return to the default
+        layout afterwards, so saved weights and encodings do not depend on it."""
+        nets = list(self._nets().values())
+        for net in nets:
+            net.to(memory_format=torch.channels_last)
+        match_state_layout([self.optimizer_])  # moments loaded from a file are in the default layout
+        try:
+            super().train_more(steps)
+        finally:
+            for net in nets:
+                net.to(memory_format=torch.contiguous_format)
+
     def _train_step(self, batch: Tensor) -> dict[str, float]:
         self.optimizer_.zero_grad(set_to_none=True)
-        loss, logs = self.loss(batch.to(self.device_))
+        loss, logs = self.loss(batch.to(self.device_).contiguous(memory_format=torch.channels_last))
         loss.backward()
         self.optimizer_.step()
         return logs
