@@ -561,9 +561,9 @@ def generate(run_dir, images, degree, out, overwrite) -> None:
     from anomalab.runs.atomic import staged_dir
     from anomalab.runs.outputs import check_output_dir
 
-    load_generator(run_dir).degree_code(degree)  # a bad --degree or an old model: one line, nothing written
     check_output_dir(out, overwrite=overwrite, inputs=[images, run_dir],
                      replaceable=lambda p: (p / GENERATED_MARKER).is_file(), what="generate output")
+    load_generator(run_dir).degree_code(degree)  # a bad --degree or an old model: one line, nothing written
     with staged_dir(out) as tmp:
         paths, own, info = generate_folder(run_dir, images, degree, tmp)
         (tmp / GENERATED_MARKER).write_text(json.dumps(

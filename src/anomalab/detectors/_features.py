@@ -8,13 +8,26 @@ nearest-neighbour search never form a full N x M distance matrix.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from anomalab import distributed
 from anomalab.errors import ParameterError
 from anomalab.nets.effnet_lite0 import BACKBONES, LEVELS, EfficientNetLite, make_backbone
+
+
+def rank_batches(batches: Iterable[Tensor], group, owner: str) -> Iterator[Tensor]:
+    """The fit batches this process extracts: all of them, or under `anomalab.distributed` its share
+    (`my_batches`); each checked as images, empty ones skipped."""
+    from anomalab.data.transforms import check_images
+
+    for batch in (batches if group is None else distributed.my_batches(batches, group)):
+        batch = check_images(batch, what=f"{owner}.fit")
+        if len(batch):
+            yield batch
 
 
 def build_backbone(name: str, weights, seed: int, device: torch.device, owner: str) -> EfficientNetLite:

@@ -23,7 +23,7 @@ from torch import Tensor
 from anomalab import distributed
 from anomalab.data.transforms import check_images, prepare
 from anomalab.detector import BaseDetector
-from anomalab.detectors._features import build_backbone, check_levels, gaussian_blur, on_finest_grid
+from anomalab.detectors._features import build_backbone, check_levels, gaussian_blur, on_finest_grid, rank_batches
 from anomalab.detectors.gaussian import _Moments
 from anomalab.errors import DataError, ParameterError
 from anomalab.types import ImageSet
@@ -141,10 +141,7 @@ class PaDiM(BaseDetector):
         def extract() -> None:
             nonlocal grid
             with torch.inference_mode():
-                for batch in (batches if group is None else distributed.my_batches(batches, group)):
-                    batch = check_images(batch, what=f"{self.name}.fit")
-                    if not len(batch):
-                        continue
+                for batch in rank_batches(batches, group, self.name):
                     z, grid = self.embed_patches(prepare(batch, shape).to(self.device_))
                     moments.update(z.cpu())
 

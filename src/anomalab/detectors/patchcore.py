@@ -36,6 +36,7 @@ from anomalab.detectors._features import (
     max_nearest_distance,
     nearest_neighbours,
     on_finest_grid,
+    rank_batches,
 )
 from anomalab.errors import DataError, ParameterError
 from anomalab.types import ImageSet
@@ -151,10 +152,7 @@ class PatchCore(BaseDetector):
         def extract() -> None:
             nonlocal n
             with torch.inference_mode():
-                for batch in (batches if group is None else distributed.my_batches(batches, group)):
-                    batch = check_images(batch, what=f"{self.name}.fit")
-                    if not len(batch):
-                        continue
+                for batch in rank_batches(batches, group, self.name):
                     z, _ = self.embed_patches(prepare(batch, shape).to(self.device_))
                     found.append(z.reshape(-1, z.shape[-1]))
                     n += len(batch)
