@@ -270,3 +270,42 @@ def test_teacher_resumed_from_a_saved_folder_matches_an_uncut_run(tmp_path):
     white = DSprites().images(np.arange(0, 737_280, 91_000))
     torch.testing.assert_close(again.encode(white), uncut.encode(white), rtol=0, atol=0)
     assert not torch.equal(cut.encode(white), uncut.encode(white))  # negative control: 3 steps are not 6
+
+
+def test_tc_decomposition_matches_an_explicit_computation_and_sums_to_the_kl_estimate():
+    from torch.distributions import Normal as N
+
+    g = torch.Generator().manual_seed(0)
+    mean, logvar = torch.randn(6, 3, generator=g), torch.randn(6, 3, generator=g) * 0.3
+    z = mean + torch.randn(6, 3, generator=g) * (0.5 * logvar).exp()
+    size = 1000
+    parts = L.tc_decomposition(z, mean, logvar, size)
+    std = (0.5 * logvar).exp()
+    log_q = torch.empty(6)
+    log_prod = torch.empty(6)
+    for i in range(6):  # minibatch-weighted sampling, one query at a time
+        dens = N(mean, std).log_prob(z[i])  # (M, K): log q(z_i,k | x_j)
+        log_q[i] = torch.logsumexp(dens.sum(1), 0) - np.log(size * 6)
+        log_prod[i] = (torch.logsumexp(dens, 0) - np.log(size * 6)).sum()
+    log_qzx = N(mean, std).log_prob(z).sum(1)
+    log_pz = N(0.0, 1.0).log_prob(z).sum(1)
+    torch.testing.assert_close(parts["mi"], (log_qzx - log_q).mean())
+    torch.testing.assert_close(parts["tc"], (log_q - log_prod).mean())
+    torch.testing.assert_close(parts["dwkl"], (log_prod - log_pz).mean())
+    torch.testing.assert_close(sum(parts.values()), (log_qzx - log_pz).mean())
+    # negative control: independent dimensions of a batch drawn from the prior have a small TC,
+    # a batch whose dimensions are copies of one another a large one
+    zi = torch.randn(256, 3, generator=g)
+    ind = L.tc_decomposition(zi, zi, torch.full_like(zi, -4.0), 256)["tc"]
+    zc = zi[:, :1].repeat(1, 3)
+    dep = L.tc_decomposition(zc, zc, torch.full_like(zc, -4.0), 256)["tc"]
+    assert dep > ind + 1.0
+
+
+def test_teacher_trains_with_the_tc_objective_and_refuses_an_unknown_one():
+    t = BetaVAE(batch_size=8, objective="beta_tcvae", beta=6.0).start()
+    t.progress = False
+    t.train_more(2)
+    assert {"mi", "tc", "dwkl", "rec"} <= set(t.history_[-1]) and np.isfinite(t.history_[-1]["loss"])
+    with pytest.raises(Exception, match="objective must be"):
+        BetaVAE(objective="factor").start()

@@ -6,6 +6,8 @@ Posteriors are diagonal Gaussians given as (mean, logvar).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -73,3 +75,23 @@ def generator_loss(rec_logit: Tensor, prior_logit: Tensor | None, gamma: float) 
     if gamma:
         loss = loss + gamma * bce(prior_logit, torch.ones_like(prior_logit))
     return loss
+
+
+def tc_decomposition(z: Tensor, mean: Tensor, logvar: Tensor, dataset_size: int) -> dict[str, Tensor]:
+    """The KL term of a batch split as beta-TCVAE does (Chen et al. 2018, "Isolating Sources of
+    Disentanglement in VAEs", minibatch-weighted sampling): index-code mutual information
+    E[log q(z|x) - log q(z)], total correlation E[log q(z) - sum_k log q(z_k)] and dimension-wise KL
+    E[sum_k log q(z_k) - log p(z)], with log q(z_i) ~ logsumexp_j log q(z_i | x_j) - log(N M) over the
+    batch (M images of a data set of N). z, mean, logvar: (M, K). Returns {"mi", "tc", "dwkl"} (scalars);
+    their sum is the single-sample estimate of E[log q(z|x) - log p(z)]."""
+    m = len(z)
+    log_norm = math.log(2 * math.pi)
+    # log q(z_i,k | x_j) for every pair (i, j): (M, M, K)
+    pair = -0.5 * (log_norm + logvar[None] + (z[:, None] - mean[None]).pow(2) * (-logvar[None]).exp())
+    log_qz_x = pair.diagonal(dim1=0, dim2=1).T.sum(1)  # log q(z_i | x_i), (M,)
+    log_mnm = math.log(dataset_size * m)
+    log_qz = torch.logsumexp(pair.sum(2), dim=1) - log_mnm
+    log_prod_qzk = (torch.logsumexp(pair, dim=1) - log_mnm).sum(1)
+    log_pz = (-0.5 * (log_norm + z.pow(2))).sum(1)
+    return {"mi": (log_qz_x - log_qz).mean(), "tc": (log_qz - log_prod_qzk).mean(),
+            "dwkl": (log_prod_qzk - log_pz).mean()}

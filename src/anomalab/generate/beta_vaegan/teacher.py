@@ -13,8 +13,9 @@ import torch
 from torch import Tensor
 
 from anomalab.data.dsprites import DSprites
+from anomalab.errors import ParameterError
 from anomalab.generate.beta_vaegan._base import LatentModel
-from anomalab.generate.beta_vaegan.losses import bernoulli_nll, kl_to_standard_normal
+from anomalab.generate.beta_vaegan.losses import bernoulli_nll, kl_to_standard_normal, tc_decomposition
 from anomalab.generate.beta_vaegan.nets import Decoder64, Encoder64
 from anomalab.train.epochs import match_state_layout
 
@@ -26,17 +27,23 @@ class BetaVAE(LatentModel):
     channels = 1
 
     def __init__(self, latent_dim: int = 5, beta: float = 4.0, steps: int = 5000, batch_size: int = 64,
-                 lr: float = 5e-4, kl_warmup_steps: int = 0, seed: int = 0, device: str = "cpu"):
+                 lr: float = 5e-4, kl_warmup_steps: int = 0, objective: str = "beta_vae", seed: int = 0,
+                 device: str = "cpu"):
         self.latent_dim = latent_dim  # k: the teacher's latent size (source: 5)
         self.beta = beta  # beta: weight of the KL term (Higgins et al. 2017; 4 as in Burgess et al.)
         self.steps = steps  # optimiser steps (an epoch of dSprites is 11,520 steps of 64)
         self.batch_size = batch_size
         self.lr = lr  # Adam learning rate (Burgess et al.: 5e-4)
         self.kl_warmup_steps = kl_warmup_steps  # ours: beta ramps up linearly over these steps (0 = plain)
+        # "beta_vae": rec + beta KL (Higgins et al.); "beta_tcvae": rec + MI + beta TC + dimension-wise KL
+        # (Chen et al. 2018, minibatch-weighted sampling): beta weighs the total correlation alone
+        self.objective = objective
         self.seed = seed
         self.device = device
 
     def _build(self) -> None:
+        if self.objective not in ("beta_vae", "beta_tcvae"):
+            raise ParameterError(f"objective must be 'beta_vae' or 'beta_tcvae', got {self.objective!r}")
         self.data_ = getattr(self, "data_", None) or DSprites()
         self.encoder_ = Encoder64(self.channels, self.latent_dim)
         self.decoder_ = Decoder64(self.channels, self.latent_dim)
@@ -71,6 +78,11 @@ class BetaVAE(LatentModel):
         z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
         rec = bernoulli_nll(self.decoder_(z), x).mean()
         kl = kl_to_standard_normal(mean, logvar).mean()
+        if self.objective == "beta_tcvae":
+            parts = tc_decomposition(z, mean, logvar, len(self.data_))
+            loss = rec + parts["mi"] + self.beta_now * parts["tc"] + parts["dwkl"]
+            return loss, {"loss": loss.item(), "rec": rec.item(), "kl": kl.item(),
+                          **{k: v.item() for k, v in parts.items()}}
         loss = rec + self.beta_now * kl
         return loss, {"loss": loss.item(), "rec": rec.item(), "kl": kl.item()}
 
