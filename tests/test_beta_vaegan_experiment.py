@@ -80,3 +80,22 @@ def test_stage_rows_of_earlier_runs_still_load(tmp_path):
     res = exp.open_store(tmp_path, exp.KEY)
     assert ("teacher",) in res and ("teacher_track_1000",) in res and len(res) == 2
     assert exp.stored(res, "teacher")["d_acc_5"] == 0.7 and exp.stored(res, "teacher_warmup") is None
+
+
+def test_teacher_objective_option_starts_a_tc_teacher_and_refuses_a_folder_of_another(tmp_path):
+    from argparse import Namespace
+
+    from anomalab.errors import ParameterError
+    from anomalab.experiments.beta_vaegan_dsprites import _load_or_start_teacher
+
+    args = Namespace(teacher_steps=2, seed=0, device="cpu", progress=False, teacher_objective="beta_tcvae",
+                     teacher_beta=6.0)
+    t = _load_or_start_teacher(tmp_path / "teacher", args)
+    assert (t.objective, t.beta, t.steps) == ("beta_tcvae", 6.0, 2)
+    t.train_more(1)
+    t.save(tmp_path / "teacher")
+    again = _load_or_start_teacher(tmp_path / "teacher", args)
+    assert again.steps_done_ == 1 and again.objective == "beta_tcvae"
+    plain = Namespace(**{**vars(args), "teacher_objective": "beta_vae", "teacher_beta": None})
+    with pytest.raises(ParameterError, match="holds a teacher trained with"):
+        _load_or_start_teacher(tmp_path / "teacher", plain)

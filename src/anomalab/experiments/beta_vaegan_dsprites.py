@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from anomalab.data.dsprites import ColouredDSprites, DSprites, WhiteDSprites, added_set
+from anomalab.errors import ParameterError
 from anomalab.experiments._common import (
     Clock,
     fmt,
@@ -104,11 +105,20 @@ def _train_chunks(model, target: int, path: Path, track=None) -> dict:
 
 
 def _load_or_start_teacher(path: Path, args, **params) -> BetaVAE:
-    """The teacher saved at `path` (to be trained further up to args.teacher_steps), or a new one."""
+    """The teacher saved at `path` (to be trained further up to args.teacher_steps), or a new one; its
+    objective and beta are `--teacher-objective` / `--teacher-beta` (a saved teacher of another objective
+    is refused: its folder belongs to another run)."""
+    wanted = {"objective": getattr(args, "teacher_objective", "beta_vae"),
+              "beta": getattr(args, "teacher_beta", None) or TEACHER["beta"]}
     if (path / "model.json").is_file():
         teacher = BetaVAE.load(path, device=args.device)
+        found = {"objective": teacher.objective, "beta": teacher.beta}
+        if found != wanted:
+            raise ParameterError(f"{path} holds a teacher trained with {found}, not {wanted}: choose another --out "
+                                 "(or the options it was trained with)")
     else:
-        teacher = BetaVAE(**{**TEACHER, "steps": args.teacher_steps}, **params, seed=args.seed, device=args.device)
+        teacher = BetaVAE(**{**TEACHER, **wanted, "steps": args.teacher_steps, **params}, seed=args.seed,
+                          device=args.device)
         teacher.start()
     teacher.progress = args.progress
     return teacher
@@ -290,6 +300,11 @@ def main(argv: list[str] | None = None) -> None:
                         "exact metric, GPU when present")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--track", action="store_true", help="quick FactorVAE every 1,000 teacher steps")
+    p.add_argument("--teacher-objective", choices=("beta_vae", "beta_tcvae"), default="beta_vae",
+                   help="the teacher's objective: beta-VAE (Higgins et al.) or beta-TCVAE (Chen et al. 2018)")
+    p.add_argument("--teacher-beta", type=float, default=None,
+                   help=f"the teacher's beta (default {TEACHER['beta']:g}; on the total correlation for beta_tcvae, "
+                        "whose paper uses 6)")
     p.add_argument("--warmup-teacher", action="store_true",
                    help=f"also train and score a teacher with beta warm-up over {WARMUP_STEPS} steps (not distilled)")
     p.add_argument("--student-warmup", type=int, default=0,
