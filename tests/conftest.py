@@ -77,6 +77,15 @@ def mvtec_tree(tmp_path_factory):
     return build_mvtec_tree(tmp_path_factory.mktemp("data") / "widget")
 
 
+@pytest.fixture(scope="module")
+def knn_run(mvtec_tree, tmp_path_factory):
+    """A finished knn run (k=3, no figures) on the module's tiny MVTec tree, fitted once per module."""
+    out = tmp_path_factory.mktemp("knn") / "run"
+    code, text = cli("fit", "knn", "k=3", "--data", mvtec_tree, "--out", out, "--no-figures")
+    assert code == 0, text
+    return out
+
+
 def cli(*args):
     """(exit code, output) of `anomalab ARGS` run in-process."""
     from click.testing import CliRunner

@@ -152,7 +152,7 @@ def worker(tmp_path_factory) -> tuple[dict, dict]:
     out = tmp_path_factory.mktemp("dist")
     done = torchrun(str(Path(__file__)), str(out), cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
-    return torch.load(out / "rank0.pt", weights_only=False), torch.load(out / "rank1.pt", weights_only=False)
+    return torch.load(out / "rank0.pt", weights_only=True), torch.load(out / "rank1.pt", weights_only=True)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

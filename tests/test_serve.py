@@ -52,11 +52,8 @@ def upload(*named: tuple[str, bytes]) -> list:
 
 
 @pytest.fixture(scope="module")
-def run(mvtec_tree, tmp_path_factory):
-    out = tmp_path_factory.mktemp("serve") / "run"
-    code, text = cli("fit", "knn", "k=3", "--data", mvtec_tree, "--out", out, "--no-figures")
-    assert code == 0, text
-    return out
+def run(knn_run):
+    return knn_run
 
 
 @pytest.fixture(scope="module")

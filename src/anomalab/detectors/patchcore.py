@@ -116,9 +116,9 @@ class PatchCore(BaseDetector):
     def _after_load(self) -> None:
         self.bank_sq_ = (self.bank_ * self.bank_).sum(1)
 
-    def embed_patches(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """Prepared images (B, 3, H, W) -> locally aware patch features (B, h*w, d) on the finest chosen
-        level's grid, and (h, w)."""
+    def _local_features(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Prepared images (B, 3, H, W) -> the chosen levels' features averaged over p x p neighbourhoods and
+        concatenated on the finest level's grid, (B, h*w, C) before the channel pooling, and (h, w)."""
         levels = self.levels_
         feats = self.backbone_.features(x, levels)
         p = int(self.patch_size)
@@ -126,7 +126,12 @@ class PatchCore(BaseDetector):
                 if p > 1 else feats[level] for level in levels]
         z = on_finest_grid(maps)
         h, w = z.shape[-2:]
-        z = z.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        return z.flatten(2).transpose(1, 2), (h, w)
+
+    def embed_patches(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Prepared images (B, 3, H, W) -> locally aware patch features (B, h*w, d) on the finest chosen
+        level's grid, and (h, w)."""
+        z, (h, w) = self._local_features(x)
         if self.projection_dim is not None and int(self.projection_dim) < z.shape[-1]:
             z = F.adaptive_avg_pool1d(z, int(self.projection_dim))  # pools the last (channel) axis
         return z.contiguous(), (h, w)
@@ -231,15 +236,8 @@ class PatchCore(BaseDetector):
         products as `nearest_neighbours`, without `max_nearest_distance`'s data-dependent pruning, which gives
         the same largest distance); the channel pooling is a constant averaging matrix (the exporter cannot
         write adaptive pooling of a traced shape); the blur filters are built for the fitted image size."""
-        levels = self.levels_
-        feats = self.backbone_.features(x, levels)
-        p = int(self.patch_size)
-        fmaps = [F.avg_pool2d(feats[level], p, stride=1, padding=p // 2, count_include_pad=True)
-                 if p > 1 else feats[level] for level in levels]
-        z = on_finest_grid(fmaps)
-        h, w = z.shape[-2:]
-        z = z.flatten(2).transpose(1, 2)  # (B, h*w, C)
-        d = sum(int(self.backbone_.level_channels[level - 1]) for level in levels)
+        z, (h, w) = self._local_features(x)
+        d = sum(int(self.backbone_.level_channels[level - 1]) for level in self.levels_)
         if self.projection_dim is not None and int(self.projection_dim) < d:
             z = z @ _pool_matrix(d, int(self.projection_dim)).to(z)
             d = int(self.projection_dim)
