@@ -327,3 +327,67 @@ def test_threshold_on_an_old_run_and_its_refusals(tree_run, tmp_path):
     assert (thr.value, thr.n_normal, thr.basis) == (1.0, 0, "none")
     code, text = cli("threshold", tmp_path, "--value", "1.0")
     assert code == 2 and "not a complete anomalab run folder" in text
+
+
+# ---- PaDiM: leave-one-out in closed form ---------------------------------------------------------------
+def small_padim():
+    import anomalab
+
+    return anomalab.create("padim", image_size=64, d_channels=20, weights=None)
+
+
+def test_padim_leave_group_out_scores_equal_explicit_refits_without_the_group():
+    import torch
+
+    torch.manual_seed(0)
+    x = torch.rand(14, 1, 40, 40) * 0.3 + torch.linspace(0, 0.5, 40)[None, None, None, :]
+    full = small_padim().fit(x)
+    groups = np.arange(14)
+    groups[[3, 4]], groups[[7, 8, 9]] = 100, 200  # a pair and a triple left out together
+    scores, maps = full.heldout_maps(x, groups)
+    assert maps.shape == (14, 40, 40)
+    for i in (0, 3, 8, 13):
+        ref = small_padim().fit(x[np.flatnonzero(groups != groups[i])])  # refitted without i's group
+        np.testing.assert_allclose(float(scores[i]), float(ref.score(x[i : i + 1])[0]), rtol=1e-5)
+        np.testing.assert_allclose(maps[i].numpy(), ref.score_map(x[i : i + 1])[0].numpy(), rtol=1e-4, atol=1e-7)
+    # negative controls: the full model (which saw the image) scores it lower; leaving out only the image
+    # itself, not its group, gives another score than the group-out refit
+    assert float(full.score(x[:1])[0]) < float(scores[0])
+    alone, _ = full.heldout_maps(x)
+    assert abs(float(alone[3]) - float(scores[3])) > 1e-4 * float(scores[3])
+
+
+def test_padim_leave_one_out_refuses_images_it_was_not_fitted_on():
+    import torch
+
+    from anomalab.errors import ParameterError
+
+    x = torch.rand(10, 1, 40, 40)
+    det = small_padim().fit(x)
+    with pytest.raises(ParameterError, match="fitted on 10 images"):
+        det.heldout_maps(x[:9])
+    with pytest.raises(ParameterError, match="not the images the model was fitted on"):
+        det.heldout_maps(torch.rand(10, 1, 40, 40))
+    with pytest.raises(ParameterError, match="fewer than 2"):
+        det.heldout_maps(x, np.r_[np.zeros(9, int), 1])
+
+
+def test_padim_runs_calibrate_by_leave_one_out_unless_folds_are_given(mvtec_tree, tmp_path):
+    import anomalab
+    from anomalab.data.specs import load_spec
+
+    auto, five = tmp_path / "auto", tmp_path / "five"
+    for out, extra in ((auto, ()), (five, ("--calib-folds", "5"))):
+        code, text = cli("fit", "padim", "image_size=64", "d_channels=20", "--data", mvtec_tree,
+                         "--out", out, "--no-figures", *extra)
+        assert code == 0, text
+    record, kfold = calibration(auto), calibration(five)
+    assert record["folds"]["method"] == "leave-one-out" and len(record["scores"]) == 24
+    assert record["folds"]["k"] == len(set(record["fold"])) > 5  # one fold per near-duplicate group
+    assert "leave-one-out, closed form" in record["how"]
+    assert kfold["folds"]["k"] == 5 and "method" not in kfold["folds"] and "5-fold" in kfold["how"]
+    train = load_spec(str(mvtec_tree))[0]
+    det = anomalab.load(auto)
+    expected, _ = det.heldout_maps(train.images, np.asarray(record["fold"]))
+    np.testing.assert_allclose(record["scores"], expected.numpy(), rtol=1e-5)
+    assert det.threshold_.value == pytest.approx(float(np.quantile(record["scores"], 0.99, method="higher")))

@@ -444,10 +444,46 @@ def cross_fit(make: Callable[[], Any], train: ImageSet, k: int, seed: int, *, ma
     return stats, info, duplicate_record(ratio, [train.names[i] for i in pick], n, space, n_ref)
 
 
-def describe(thr: Threshold, folds: int | None = None) -> str:
+def leave_group_out(det: Any, train: ImageSet, *, space: DupSpace | None = None
+                    ) -> tuple[NormalStats, dict[str, Any], dict[str, Any]]:
+    """Like `cross_fit`, for a detector that scores its training images as if each had been left out, in closed
+    form (`det.heldout_maps(images, groups)`, e.g. PaDiM): every near-duplicate group is its own fold, so each
+    image is scored by a model fitted on all the others (n - 1 images, not (k - 1) / k of them)."""
+    space = space or DupSpace()
+    n = len(train)
+    features = space.features(train.images)
+    variance = space.variance(features)
+    ratios = space.matrix(features, variance) if n <= space.max_grouped else None
+    fold = np.arange(n) if ratios is None else np.unique(duplicate_groups(ratios), return_inverse=True)[1]
+    sizes = np.bincount(fold)
+    scores, maps = det.heldout_maps(train.images, fold)
+    stats = NormalStats(scores=scores.double().numpy(), names=list(train.names), fold=fold)
+    maxima, samples = zip(*(_map_stats(maps[i : i + MAP_BATCH]) for i in range(0, n, MAP_BATCH)), strict=True)
+    stats.map_max, stats.map_sample = np.concatenate(maxima), np.concatenate(samples)
+    info = {"k": int(len(sizes)), "seed": None, "method": "leave-one-out", "grouped": ratios is not None,
+            "n_grouped_images": int(sizes[sizes > 1].sum()), "n_groups": int(np.sum(sizes > 1)),
+            "largest_group": int(sizes.max())}
+    if ratios is not None:
+        ratio = ratios.masked_fill(torch.as_tensor(fold[:, None] == fold[None, :]), float("inf")).min(1).values
+        pick, ratio, n_ref = np.arange(n), ratio.numpy(), n
+    else:
+        pick, refs = _spread_pick(n, space.max_queries), _spread_pick(n, space.max_refs)
+        ratio = space.nearest(features[torch.as_tensor(pick)], features[torch.as_tensor(refs)], variance,
+                              exclude=fold[refs], query_group=fold[pick])
+        n_ref = len(refs)
+    log.info("leave-one-out scores of %d training images (closed form, %d near-duplicate groups left out whole)",
+             n, info["n_groups"])
+    return stats, info, duplicate_record(ratio, [train.names[i] for i in pick], n, space, n_ref)
+
+
+def describe(thr: Threshold, folds: int | dict[str, Any] | None = None) -> str:
     """One line: how the threshold was set and on how many normal scores it rests."""
+    loo = isinstance(folds, dict) and folds.get("method") == "leave-one-out"
+    if isinstance(folds, dict):
+        folds = folds.get("k")
     where = {"holdout": "held-out training images",
-             "crossfit": f"out-of-fold training images ({folds}-fold cross-fitting)" if folds else
+             "crossfit": "training images, each left out of the model that scored it (leave-one-out, closed "
+                         "form)" if loo else f"out-of-fold training images ({folds}-fold cross-fitting)" if folds else
                          "out-of-fold training images (cross-fitting)",
              "train": "training images themselves (no held-out share: optimistic)",
              "normal": "normal images given for it", "none": "no kept normal images"}[thr.basis]
@@ -485,7 +521,7 @@ def build_record(stats: NormalStats, thr: Threshold, *, dup: dict[str, Any] | No
         "source": source,
         "names": list(stats.names), "scores": stats.scores, "fold": stats.fold, "map_max": stats.map_max,
         "maps": stats.map_summary(),
-        "threshold": thr.to_dict(), "how": describe(thr, None if not folds else folds["k"]),
+        "threshold": thr.to_dict(), "how": describe(thr, folds or None),
         "pixel": None if thr.pixel_value is None else {
             "value": thr.pixel_value, "method": pixel, "rule": PIXEL_RULES[pixel].format(q=1 - thr.max_fpr)},
         "support": sup, "near_duplicates": dup, "warnings": _warnings(sup, dup, thr.basis, hint),
@@ -494,13 +530,17 @@ def build_record(stats: NormalStats, thr: Threshold, *, dup: dict[str, Any] | No
 
 
 def calibrate(det: Any, fit_set: ImageSet, calib: ImageSet | None, *, max_fpr: float, folds: int = 0,
-              make: Callable[[], Any] | None = None, seed: int = 0) -> dict[str, Any]:
+              make: Callable[[], Any] | None = None, seed: int = 0, leave_one_out: bool = False) -> dict[str, Any]:
     """Set the thresholds of `det` (already fitted on `fit_set`) and return the calibration record.
 
-    folds >= 2: cross-fitting on fit_set with detectors from `make()`; else the held-out `calib` images;
-    without them, the training images themselves (basis "train")."""
+    folds >= 2: cross-fitting on fit_set with detectors from `make()` (with leave_one_out=True, for a detector
+    that has `heldout_maps`, leave-one-out in closed form instead); else the held-out `calib` images; without
+    them, the training images themselves (basis "train")."""
     fold_info, space = None, dup_space(det)
-    if folds >= 2:
+    if folds >= 2 and leave_one_out and hasattr(det, "heldout_maps"):
+        stats, fold_info, dup = leave_group_out(det, fit_set, space=space)
+        basis = "crossfit"
+    elif folds >= 2:
         if make is None:
             raise ParameterError("cross-fitting needs a way to make fresh detectors (make)")
         stats, fold_info, dup = cross_fit(make, fit_set, folds, seed, space=space)

@@ -73,7 +73,8 @@ def _train_and_write(run: RunWriter, det, train_fn: Callable[[ImageSet], None], 
         t0 = time.perf_counter()
         try:
             calibration = calibrate(det, fit_set, calib, max_fpr=max_fpr, folds=calib_folds, make=make_fold,
-                                    seed=config["calibration_seed"])
+                                    seed=config["calibration_seed"],
+                                    leave_one_out=bool(config.get("calib_folds_auto")))
         except ParameterError as e:
             if not config.get("calib_folds_auto"):
                 raise
