@@ -249,11 +249,13 @@ def test_training_resumed_from_a_saved_folder_matches_an_uncut_run(teacher, adde
     assert not (tmp_path / "cut" / "optimizer.safetensors").exists()
 
 
-def test_teacher_resumed_from_a_saved_folder_matches_an_uncut_run(tmp_path):
+@pytest.mark.parametrize("objective", ["beta_vae", "factor_vae"])
+def test_teacher_resumed_from_a_saved_folder_matches_an_uncut_run(tmp_path, objective):
     """The teacher trains in channels_last with fused Adam; 3 steps + save + load + 3 steps == 3 + 3 steps
-    in one process, and the saved weights are in the default layout."""
+    in one process, and the saved weights are in the default layout (FactorVAE: its discriminator and D's
+    optimiser resume too)."""
     def teacher():
-        t = BetaVAE(batch_size=8, seed=1).start()
+        t = BetaVAE(batch_size=8, seed=1, objective=objective, beta=35.0).start()
         t.progress = False
         return t
 
@@ -309,3 +311,43 @@ def test_teacher_trains_with_the_tc_objective_and_refuses_an_unknown_one():
     assert {"mi", "tc", "dwkl", "rec"} <= set(t.history_[-1]) and np.isfinite(t.history_[-1]["loss"])
     with pytest.raises(Exception, match="objective must be"):
         BetaVAE(objective="factor").start()
+
+
+def test_factor_vae_permutes_each_dimension_and_its_discriminator_learns_the_difference():
+    from anomalab.generate.beta_vaegan.teacher import permute_dims, tc_discriminator
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(512, 1, generator=g).repeat(1, 3) + 0.05 * torch.randn(512, 3, generator=g)  # correlated dims
+    perm = permute_dims(z, g)
+    for j in range(3):  # every column keeps its values (the marginals), only their order changes
+        torch.testing.assert_close(perm[:, j].sort().values, z[:, j].sort().values)
+    assert torch.corrcoef(z.T)[0, 1] > 0.99 and abs(float(torch.corrcoef(perm.T)[0, 1])) < 0.2
+    # D trained on joint vs permuted samples of correlated dims finds a large TC; on independent dims ~0
+    def tc_estimate(sample):
+        torch.manual_seed(0)
+        d = tc_discriminator(3, width=64, layers=2)
+        opt = torch.optim.Adam(d.parameters(), lr=1e-3)
+        for _ in range(300):
+            x = sample()
+            joint, prod = d(x), d(permute_dims(x))
+            zeros = torch.zeros(len(x), dtype=torch.long)
+            loss = torch.nn.functional.cross_entropy(joint, zeros) + torch.nn.functional.cross_entropy(prod, zeros + 1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            logits = d(sample())
+        return float((logits[:, 0] - logits[:, 1]).mean())
+
+    correlated = tc_estimate(lambda: torch.randn(256, 1).repeat(1, 3) + 0.1 * torch.randn(256, 3))
+    independent = tc_estimate(lambda: torch.randn(256, 3))
+    assert correlated > 1.0 and abs(independent) < 0.3
+
+
+def test_factor_vae_teacher_trains_both_networks():
+    t = BetaVAE(batch_size=8, objective="factor_vae", beta=35.0).start()
+    t.progress = False
+    d_before = [p.clone() for p in t.tc_disc_.parameters()]
+    t.train_more(2)
+    assert {"tc", "d_loss", "rec", "kl"} <= set(t.history_[-1]) and np.isfinite(t.history_[-1]["loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(d_before, t.tc_disc_.parameters(), strict=True))

@@ -300,11 +300,12 @@ def main(argv: list[str] | None = None) -> None:
                         "exact metric, GPU when present")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--track", action="store_true", help="quick FactorVAE every 1,000 teacher steps")
-    p.add_argument("--teacher-objective", choices=("beta_vae", "beta_tcvae"), default="beta_vae",
-                   help="the teacher's objective: beta-VAE (Higgins et al.) or beta-TCVAE (Chen et al. 2018)")
+    p.add_argument("--teacher-objective", choices=("beta_vae", "beta_tcvae", "factor_vae"), default="beta_vae",
+                   help="the teacher's objective: beta-VAE (Higgins et al.), beta-TCVAE (Chen et al. 2018) or "
+                        "FactorVAE (Kim & Mnih 2018, TC from a discriminator)")
     p.add_argument("--teacher-beta", type=float, default=None,
                    help=f"the teacher's beta (default {TEACHER['beta']:g}; on the total correlation for beta_tcvae, "
-                        "whose paper uses 6)")
+                        "whose paper uses 6, and for factor_vae, whose paper's gamma on dSprites is 35)")
     p.add_argument("--warmup-teacher", action="store_true",
                    help=f"also train and score a teacher with beta warm-up over {WARMUP_STEPS} steps (not distilled)")
     p.add_argument("--student-warmup", type=int, default=0,

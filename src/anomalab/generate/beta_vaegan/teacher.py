@@ -4,13 +4,21 @@ Loss per image: -log p(x | z) (Bernoulli, summed over pixels) + beta * KL[q(z | 
 averaged over the batch (option of ours: `kl_warmup_steps` ramps beta up from 0, against the early
 posterior collapse that costs a short CPU budget most of its steps); trained with Adam on uniformly
 drawn dSprites images (rendered on demand).
+
+Objectives (`objective`): "beta_vae" as above; "beta_tcvae" (Chen et al. 2018), beta on the total correlation of
+the minibatch-weighted decomposition; "factor_vae" (Kim & Mnih 2018, "Disentangling by Factorising"): the plain
+VAE loss plus beta (their gamma) times the total correlation estimated by a discriminator D that tells samples
+of q(z) from samples of the product of its marginals (each latent dimension permuted across a second batch):
+TC ~= E_q(z)[log D(z) / (1 - D(z))], D an MLP of 6 x 1,000 leaky-ReLU units trained with Adam(1e-4, betas
+(0.5, 0.9)), as the paper's dSprites setting.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from anomalab.data.dsprites import DSprites
 from anomalab.errors import ParameterError
@@ -37,21 +45,29 @@ class BetaVAE(LatentModel):
         self.kl_warmup_steps = kl_warmup_steps  # ours: beta ramps up linearly over these steps (0 = plain)
         # "beta_vae": rec + beta KL (Higgins et al.); "beta_tcvae": rec + MI + beta TC + dimension-wise KL
         # (Chen et al. 2018, minibatch-weighted sampling): beta weighs the total correlation alone
+        # "factor_vae": rec + KL + beta TC, TC from a discriminator on permuted latents (Kim & Mnih 2018)
         self.objective = objective
         self.seed = seed
         self.device = device
 
     def _build(self) -> None:
-        if self.objective not in ("beta_vae", "beta_tcvae"):
-            raise ParameterError(f"objective must be 'beta_vae' or 'beta_tcvae', got {self.objective!r}")
+        if self.objective not in OBJECTIVES:
+            raise ParameterError(f"objective must be one of {', '.join(map(repr, OBJECTIVES))}, got {self.objective!r}")
         self.data_ = getattr(self, "data_", None) or DSprites()
         self.encoder_ = Encoder64(self.channels, self.latent_dim)
         self.decoder_ = Decoder64(self.channels, self.latent_dim)
         params = [*self.encoder_.parameters(), *self.decoder_.parameters()]
         self.optimizer_ = torch.optim.Adam(params, lr=self.lr, fused=True)  # one kernel for all parameters
+        self.tc_disc_ = self.optimizer_d_ = None
+        if self.objective == "factor_vae":
+            self.tc_disc_ = tc_discriminator(self.latent_dim)
+            self.optimizer_d_ = torch.optim.Adam(self.tc_disc_.parameters(), lr=1e-4, betas=(0.5, 0.9), fused=True)
 
     def _nets(self):
-        return {"encoder": self.encoder_, "decoder": self.decoder_}
+        nets = {"encoder": self.encoder_, "decoder": self.decoder_}
+        if getattr(self, "tc_disc_", None) is not None:
+            nets["tc_discriminator"] = self.tc_disc_
+        return nets
 
     def fit(self, data: DSprites | None = None, steps: int | None = None) -> BetaVAE:
         """Train from scratch on uniformly drawn images of `data` (default: dSprites)."""
@@ -67,7 +83,8 @@ class BetaVAE(LatentModel):
         return self
 
     def _draw(self, rng: np.random.Generator) -> Tensor:
-        return self.data_.sample(self.batch_size, rng)[0]
+        # FactorVAE draws two batches per step: one for the VAE, one for D's permuted samples
+        return self.data_.sample(self.batch_size * (2 if self.objective == "factor_vae" else 1), rng)[0]
 
     def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Prepared images (N, 1, 64, 64) on the device -> (mean, logvar)."""
@@ -78,6 +95,12 @@ class BetaVAE(LatentModel):
         z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
         rec = bernoulli_nll(self.decoder_(z), x).mean()
         kl = kl_to_standard_normal(mean, logvar).mean()
+        if self.objective == "factor_vae":
+            logits = self.tc_disc_(z)
+            tc = (logits[:, 0] - logits[:, 1]).mean()  # log D(z) / (1 - D(z)), class 0 = "from q(z)"
+            loss = rec + kl + self.beta_now * tc
+            self._z_for_d = z.detach()
+            return loss, {"loss": loss.item(), "rec": rec.item(), "kl": kl.item(), "tc": tc.item()}
         if self.objective == "beta_tcvae":
             parts = tc_decomposition(z, mean, logvar, len(self.data_))
             loss = rec + parts["mi"] + self.beta_now * parts["tc"] + parts["dwkl"]
@@ -101,8 +124,50 @@ class BetaVAE(LatentModel):
                 net.to(memory_format=torch.contiguous_format)
 
     def _train_step(self, batch: Tensor) -> dict[str, float]:
+        batch = batch.to(self.device_).contiguous(memory_format=torch.channels_last)
+        if self.objective != "factor_vae":
+            self.optimizer_.zero_grad(set_to_none=True)
+            loss, logs = self.loss(batch)
+            loss.backward()
+            self.optimizer_.step()
+            return logs
+        # Kim & Mnih's Algorithm 1: a VAE step on the first half (TC from D), then a D step telling the first
+        # half's z from the second half's z with every dimension permuted across the batch
+        first, second = batch[: self.batch_size], batch[self.batch_size :]
         self.optimizer_.zero_grad(set_to_none=True)
-        loss, logs = self.loss(batch.to(self.device_).contiguous(memory_format=torch.channels_last))
+        loss, logs = self.loss(first)
         loss.backward()
         self.optimizer_.step()
+        with torch.no_grad():
+            mean, logvar = self.encoder_(second)
+            z2 = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+            perm = permute_dims(z2)
+        self.optimizer_d_.zero_grad(set_to_none=True)
+        joint, product = self.tc_disc_(self._z_for_d), self.tc_disc_(perm)
+        zeros = torch.zeros(len(joint), dtype=torch.long, device=joint.device)
+        d_loss = 0.5 * (F.cross_entropy(joint, zeros) + F.cross_entropy(product, zeros + 1))
+        d_loss.backward()
+        self.optimizer_d_.step()
+        logs["d_loss"] = d_loss.item()
         return logs
+
+
+OBJECTIVES = ("beta_vae", "beta_tcvae", "factor_vae")
+
+
+def tc_discriminator(latent_dim: int, width: int = 1000, layers: int = 6) -> nn.Module:
+    """FactorVAE's total-correlation discriminator: `layers` fully connected layers of `width` leaky-ReLU (0.2)
+    units, two logits (0: a sample of q(z), 1: of the product of its marginals)."""
+    mods: list[nn.Module] = []
+    d = latent_dim
+    for _ in range(layers):
+        mods += [nn.Linear(d, width), nn.LeakyReLU(0.2)]
+        d = width
+    return nn.Sequential(*mods, nn.Linear(d, 2))
+
+
+def permute_dims(z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """(N, k) -> every column shuffled across the batch independently: samples of prod_j q(z_j)."""
+    n = len(z)
+    idx = torch.stack([torch.randperm(n, generator=generator, device=z.device) for _ in range(z.shape[1])], 1)
+    return z.gather(0, idx)
