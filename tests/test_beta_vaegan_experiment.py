@@ -99,3 +99,21 @@ def test_teacher_objective_option_starts_a_tc_teacher_and_refuses_a_folder_of_an
     plain = Namespace(**{**vars(args), "teacher_objective": "beta_vae", "teacher_beta": None})
     with pytest.raises(ParameterError, match="holds a teacher trained with"):
         _load_or_start_teacher(tmp_path / "teacher", plain)
+
+
+def test_factor_vae_teacher_with_warmup_through_the_experiment_options(tmp_path):
+    """--teacher-objective factor_vae --teacher-warmup N: a FactorVAE teacher whose TC weight ramps up over N
+    steps, saved with it and resumed by a later run."""
+    from argparse import Namespace
+
+    from anomalab.experiments.beta_vaegan_dsprites import _load_or_start_teacher
+
+    args = Namespace(teacher_steps=3, seed=0, device="cpu", progress=False, teacher_objective="factor_vae",
+                     teacher_beta=35.0, teacher_warmup=100)
+    t = _load_or_start_teacher(tmp_path / "teacher", args)
+    assert (t.objective, t.beta, t.kl_warmup_steps) == ("factor_vae", 35.0, 100) and t.tc_disc_ is not None
+    t.train_more(3)
+    assert t.beta_now == pytest.approx(35.0 * 3 / 100)
+    t.save(tmp_path / "teacher")
+    again = _load_or_start_teacher(tmp_path / "teacher", args)
+    assert (again.steps_done_, again.kl_warmup_steps, again.objective) == (3, 100, "factor_vae")

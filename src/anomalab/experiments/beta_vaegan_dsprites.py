@@ -117,6 +117,8 @@ def _load_or_start_teacher(path: Path, args, **params) -> BetaVAE:
             raise ParameterError(f"{path} holds a teacher trained with {found}, not {wanted}: choose another --out "
                                  "(or the options it was trained with)")
     else:
+        if getattr(args, "teacher_warmup", 0):  # --teacher-warmup: beta (on the TC where it weighs the TC) ramps up
+            params.setdefault("kl_warmup_steps", int(args.teacher_warmup))
         teacher = BetaVAE(**{**TEACHER, **wanted, "steps": args.teacher_steps, **params}, seed=args.seed,
                           device=args.device)
         teacher.start()
@@ -306,6 +308,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--teacher-beta", type=float, default=None,
                    help=f"the teacher's beta (default {TEACHER['beta']:g}; on the total correlation for beta_tcvae, "
                         "whose paper uses 6, and for factor_vae, whose paper's gamma on dSprites is 35)")
+    p.add_argument("--teacher-warmup", type=int, default=0,
+                   help="the teacher's beta (on the TC for beta_tcvae / factor_vae) ramps up from 0 over this many "
+                        "steps (0 = off); factor_vae with gamma 35 collapses without it (docs/beta_vaegan.md)")
     p.add_argument("--warmup-teacher", action="store_true",
                    help=f"also train and score a teacher with beta warm-up over {WARMUP_STEPS} steps (not distilled)")
     p.add_argument("--student-warmup", type=int, default=0,
