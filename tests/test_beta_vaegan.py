@@ -304,6 +304,32 @@ def test_tc_decomposition_matches_an_explicit_computation_and_sums_to_the_kl_est
     assert dep > ind + 1.0
 
 
+def test_stratified_tc_estimator_matches_its_weights_and_is_unbiased_on_collapsed_posteriors():
+    from torch.distributions import Normal as N
+
+    w = L.stratified_log_weights(6, 1000).exp()
+    torch.testing.assert_close(w.sum(1), torch.ones(6, dtype=w.dtype))  # each row a distribution over the batch
+    assert torch.allclose(w.diagonal(), torch.full((6,), 1e-3))
+    g = torch.Generator().manual_seed(1)
+    mean, logvar = torch.randn(6, 3, generator=g), torch.randn(6, 3, generator=g) * 0.3
+    z = mean + torch.randn(6, 3, generator=g) * (0.5 * logvar).exp()
+    parts = L.tc_decomposition(z, mean, logvar, 1000, "mss")
+    std, lw = (0.5 * logvar).exp(), w.log()
+    log_q = torch.stack([torch.logsumexp(lw[i] + N(mean, std).log_prob(z[i]).sum(1), 0) for i in range(6)])
+    log_prod = torch.stack([torch.logsumexp(lw[i][:, None] + N(mean, std).log_prob(z[i]), 0).sum() for i in range(6)])
+    torch.testing.assert_close(parts["tc"], (log_q - log_prod).mean())
+    torch.testing.assert_close(parts["mi"], (N(mean, std).log_prob(z).sum(1) - log_q).mean())
+    # every posterior the prior (a collapsed encoder): MSS finds no MI and no TC, MWS offsets of log N
+    zc = torch.randn(64, 5, generator=g)
+    flat = torch.zeros_like(zc)
+    mss = L.tc_decomposition(zc, flat, flat, 737_280, "mss")
+    mws = L.tc_decomposition(zc, flat, flat, 737_280, "mws")
+    assert abs(float(mss["mi"])) < 1e-4 and abs(float(mss["tc"])) < 1e-4
+    assert float(mws["tc"]) == pytest.approx(4 * np.log(737_280), rel=1e-3)
+    with pytest.raises(ValueError, match="estimator"):
+        L.tc_decomposition(zc, flat, flat, 10, "exact")
+
+
 def test_teacher_trains_with_the_tc_objective_and_refuses_an_unknown_one():
     t = BetaVAE(batch_size=8, objective="beta_tcvae", beta=6.0).start()
     t.progress = False

@@ -109,10 +109,11 @@ def _load_or_start_teacher(path: Path, args, **params) -> BetaVAE:
     objective and beta are `--teacher-objective` / `--teacher-beta` (a saved teacher of another objective
     is refused: its folder belongs to another run)."""
     wanted = {"objective": getattr(args, "teacher_objective", "beta_vae"),
-              "beta": getattr(args, "teacher_beta", None) or TEACHER["beta"]}
+              "beta": getattr(args, "teacher_beta", None) or TEACHER["beta"],
+              "tc_estimator": getattr(args, "teacher_tc_estimator", "mws")}
     if (path / "model.json").is_file():
         teacher = BetaVAE.load(path, device=args.device)
-        found = {"objective": teacher.objective, "beta": teacher.beta}
+        found = {"objective": teacher.objective, "beta": teacher.beta, "tc_estimator": teacher.tc_estimator}
         if found != wanted:
             raise ParameterError(f"{path} holds a teacher trained with {found}, not {wanted}: choose another --out "
                                  "(or the options it was trained with)")
@@ -308,6 +309,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--teacher-beta", type=float, default=None,
                    help=f"the teacher's beta (default {TEACHER['beta']:g}; on the total correlation for beta_tcvae, "
                         "whose paper uses 6, and for factor_vae, whose paper's gamma on dSprites is 35)")
+    p.add_argument("--teacher-tc-estimator", choices=("mws", "mss"), default="mws",
+                   help="beta_tcvae: minibatch-weighted (mws) or minibatch-stratified (mss) sampling of log q(z)")
     p.add_argument("--teacher-warmup", type=int, default=0,
                    help="the teacher's beta (on the TC for beta_tcvae / factor_vae) ramps up from 0 over this many "
                         "steps (0 = off); factor_vae with gamma 35 collapses without it (docs/beta_vaegan.md)")

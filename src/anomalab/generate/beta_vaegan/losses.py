@@ -77,21 +77,42 @@ def generator_loss(rec_logit: Tensor, prior_logit: Tensor | None, gamma: float) 
     return loss
 
 
-def tc_decomposition(z: Tensor, mean: Tensor, logvar: Tensor, dataset_size: int) -> dict[str, Tensor]:
+def stratified_log_weights(m: int, dataset_size: int) -> Tensor:
+    """(M, M) log importance weights of minibatch-stratified sampling (Chen et al. 2018, appendix C.2): row i
+    weighs its own term 1 / N, one other term (row i's successor, cyclically) (N - M + 1) / (N (M - 1)), and the
+    remaining M - 2 terms 1 / (M - 1) each: the batch stands for a draw of the data set stratified around x_i."""
+    n, r = dataset_size, m - 1
+    w = torch.full((m, m), 1.0 / r)
+    idx = torch.arange(m)
+    w[idx, idx] = 1.0 / n
+    w[idx, (idx + 1) % m] = (n - r) / (n * r)
+    return w.log()
+
+
+def tc_decomposition(z: Tensor, mean: Tensor, logvar: Tensor, dataset_size: int,
+                     estimator: str = "mws") -> dict[str, Tensor]:
     """The KL term of a batch split as beta-TCVAE does (Chen et al. 2018, "Isolating Sources of
-    Disentanglement in VAEs", minibatch-weighted sampling): index-code mutual information
-    E[log q(z|x) - log q(z)], total correlation E[log q(z) - sum_k log q(z_k)] and dimension-wise KL
-    E[sum_k log q(z_k) - log p(z)], with log q(z_i) ~ logsumexp_j log q(z_i | x_j) - log(N M) over the
-    batch (M images of a data set of N). z, mean, logvar: (M, K). Returns {"mi", "tc", "dwkl"} (scalars);
-    their sum is the single-sample estimate of E[log q(z|x) - log p(z)]."""
+    Disentanglement in VAEs"): index-code mutual information E[log q(z|x) - log q(z)], total correlation
+    E[log q(z) - sum_k log q(z_k)] and dimension-wise KL E[sum_k log q(z_k) - log p(z)]. estimator "mws"
+    (minibatch-weighted sampling): log q(z_i) ~ logsumexp_j log q(z_i | x_j) - log(N M) over the batch (M
+    images of a data set of N); "mss" (minibatch-stratified sampling): logsumexp_j [log w_ij + log q(z_i | x_j)]
+    with `stratified_log_weights`. z, mean, logvar: (M, K). Returns {"mi", "tc", "dwkl"} (scalars); their sum
+    is the single-sample estimate of E[log q(z|x) - log p(z)]."""
     m = len(z)
     log_norm = math.log(2 * math.pi)
     # log q(z_i,k | x_j) for every pair (i, j): (M, M, K)
     pair = -0.5 * (log_norm + logvar[None] + (z[:, None] - mean[None]).pow(2) * (-logvar[None]).exp())
     log_qz_x = pair.diagonal(dim1=0, dim2=1).T.sum(1)  # log q(z_i | x_i), (M,)
-    log_mnm = math.log(dataset_size * m)
-    log_qz = torch.logsumexp(pair.sum(2), dim=1) - log_mnm
-    log_prod_qzk = (torch.logsumexp(pair, dim=1) - log_mnm).sum(1)
+    if estimator == "mss" and m > 1:
+        log_w = stratified_log_weights(m, dataset_size).to(pair)
+        log_qz = torch.logsumexp(log_w + pair.sum(2), dim=1)
+        log_prod_qzk = torch.logsumexp(log_w[..., None] + pair, dim=1).sum(1)
+    elif estimator in ("mws", "mss"):
+        log_mnm = math.log(dataset_size * m)
+        log_qz = torch.logsumexp(pair.sum(2), dim=1) - log_mnm
+        log_prod_qzk = (torch.logsumexp(pair, dim=1) - log_mnm).sum(1)
+    else:
+        raise ValueError(f"estimator must be 'mws' or 'mss', got {estimator!r}")
     log_pz = (-0.5 * (log_norm + z.pow(2))).sum(1)
     return {"mi": (log_qz_x - log_qz).mean(), "tc": (log_qz - log_prod_qzk).mean(),
             "dwkl": (log_prod_qzk - log_pz).mean()}

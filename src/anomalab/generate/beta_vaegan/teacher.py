@@ -35,8 +35,8 @@ class BetaVAE(LatentModel):
     channels = 1
 
     def __init__(self, latent_dim: int = 5, beta: float = 4.0, steps: int = 5000, batch_size: int = 64,
-                 lr: float = 5e-4, kl_warmup_steps: int = 0, objective: str = "beta_vae", seed: int = 0,
-                 device: str = "cpu"):
+                 lr: float = 5e-4, kl_warmup_steps: int = 0, objective: str = "beta_vae", tc_estimator: str = "mws",
+                 seed: int = 0, device: str = "cpu"):
         self.latent_dim = latent_dim  # k: the teacher's latent size (source: 5)
         self.beta = beta  # beta: weight of the KL term (Higgins et al. 2017; 4 as in Burgess et al.)
         self.steps = steps  # optimiser steps (an epoch of dSprites is 11,520 steps of 64)
@@ -47,12 +47,16 @@ class BetaVAE(LatentModel):
         # (Chen et al. 2018, minibatch-weighted sampling): beta weighs the total correlation alone
         # "factor_vae": rec + KL + beta TC, TC from a discriminator on permuted latents (Kim & Mnih 2018)
         self.objective = objective
+        # beta_tcvae's estimator of log q(z): "mws" minibatch-weighted or "mss" minibatch-stratified sampling
+        self.tc_estimator = tc_estimator
         self.seed = seed
         self.device = device
 
     def _build(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ParameterError(f"objective must be one of {', '.join(map(repr, OBJECTIVES))}, got {self.objective!r}")
+        if self.tc_estimator not in ("mws", "mss"):
+            raise ParameterError(f"tc_estimator must be 'mws' or 'mss', got {self.tc_estimator!r}")
         self.data_ = getattr(self, "data_", None) or DSprites()
         self.encoder_ = Encoder64(self.channels, self.latent_dim)
         self.decoder_ = Decoder64(self.channels, self.latent_dim)
@@ -102,7 +106,7 @@ class BetaVAE(LatentModel):
             self._z_for_d = z.detach()
             return loss, {"loss": loss.item(), "rec": rec.item(), "kl": kl.item(), "tc": tc.item()}
         if self.objective == "beta_tcvae":
-            parts = tc_decomposition(z, mean, logvar, len(self.data_))
+            parts = tc_decomposition(z, mean, logvar, len(self.data_), self.tc_estimator)
             loss = rec + parts["mi"] + self.beta_now * parts["tc"] + parts["dwkl"]
             return loss, {"loss": loss.item(), "rec": rec.item(), "kl": kl.item(),
                           **{k: v.item() for k, v in parts.items()}}
