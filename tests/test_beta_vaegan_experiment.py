@@ -117,3 +117,27 @@ def test_factor_vae_teacher_with_warmup_through_the_experiment_options(tmp_path)
     t.save(tmp_path / "teacher")
     again = _load_or_start_teacher(tmp_path / "teacher", args)
     assert (again.steps_done_, again.kl_warmup_steps, again.objective) == (3, 100, "factor_vae")
+
+
+def test_teacher_curves_are_drawn_from_tracked_runs_and_labelled_by_their_teacher(tmp_path):
+    import json
+
+    from anomalab.errors import DataError
+    from anomalab.experiments.beta_vaegan_dsprites import _teacher_label, main
+    from anomalab.generate.beta_vaegan.teacher import BetaVAE
+
+    t = BetaVAE(batch_size=8, objective="factor_vae", beta=35.0, kl_warmup_steps=100, tc_width=16).start()
+    t.progress = False
+    t.save(tmp_path / "fv" / "teacher")
+    rows = [{"stage": f"teacher_track_{s}", "model": "teacher", "step": s, "quick_factor_vae": q}
+            for s, q in ((1000, 0.5), (2000, 0.6))]
+    for run in ("fv", "plain"):
+        (tmp_path / run).mkdir(exist_ok=True)
+        (tmp_path / run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _teacher_label(tmp_path / "fv") == "FactorVAE, gamma 35, TC weight ramped over 100 steps"
+    assert _teacher_label(tmp_path / "plain") == "plain"  # no saved teacher: the folder's name
+    main(["--curves", str(tmp_path / "fv"), str(tmp_path / "plain"), "--out", str(tmp_path / "fig")])
+    assert (tmp_path / "fig" / "teacher_curves.png").stat().st_size > 10_000
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no teacher_track rows"):
+        main(["--curves", str(tmp_path / "empty"), "--out", str(tmp_path / "fig")])

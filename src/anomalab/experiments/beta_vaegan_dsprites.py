@@ -120,6 +120,8 @@ def _load_or_start_teacher(path: Path, args, **params) -> BetaVAE:
     else:
         if getattr(args, "teacher_warmup", 0):  # --teacher-warmup: beta (on the TC where it weighs the TC) ramps up
             params.setdefault("kl_warmup_steps", int(args.teacher_warmup))
+        if getattr(args, "teacher_tc_width", None):
+            params.setdefault("tc_width", int(args.teacher_tc_width))
         teacher = BetaVAE(**{**TEACHER, **wanted, "steps": args.teacher_steps, **params}, seed=args.seed,
                           device=args.device)
         teacher.start()
@@ -311,6 +313,9 @@ def main(argv: list[str] | None = None) -> None:
                         "whose paper uses 6, and for factor_vae, whose paper's gamma on dSprites is 35)")
     p.add_argument("--teacher-tc-estimator", choices=("mws", "mss"), default="mws",
                    help="beta_tcvae: minibatch-weighted (mws) or minibatch-stratified (mss) sampling of log q(z)")
+    p.add_argument("--teacher-tc-width", type=int, default=None,
+                   help="factor_vae: units per layer of the TC discriminator (default the paper's 1,000; 256 trains "
+                        "faster and keeps a resumable checkpoint at 9 MB instead of 64 MB)")
     p.add_argument("--teacher-warmup", type=int, default=0,
                    help="the teacher's beta (on the TC for beta_tcvae / factor_vae) ramps up from 0 over this many "
                         "steps (0 = off); factor_vae with gamma 35 collapses without it (docs/beta_vaegan.md)")
@@ -330,7 +335,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-figures", dest="figures", action="store_false",
                    help="skip the traversal and degree figures (correspondence.png, drawn from the table, is kept)")
     p.add_argument("--progress", action="store_true", help="progress bars")
+    p.add_argument("--curves", nargs="+", type=Path, default=None, metavar="RUN",
+                   help="only draw the teacher curves (quick FactorVAE score vs step, from --track) of these run "
+                        "folders into --out/teacher_curves.png; nothing is trained")
     args = p.parse_args(argv)
+    if args.curves:
+        print(teacher_curves_figure(args.curves, args.out / "teacher_curves.png"))
+        return
     if args.paper:
         args.teacher_steps, args.student_steps, args.pool_size = PAPER_TEACHER_STEPS, PAPER_STUDENT_STEPS, 0
         args.device, args.track = "auto", True
@@ -451,6 +462,52 @@ def degree_figures(curves: dict, students: dict[float, BetaVAEGAN], normal, out:
         name = "degree_samples.png" if gamma == 1.0 else f"degree_samples_g{gamma:g}.png"
         image_grid([(f"z6={d:+.2f}", s.generate(normal[:8], d)) for d in DEGREES], out / name,
                    title=f"pseudo-anomalies of increasing degree (student gamma={gamma:g}) on 8 normal sprites")
+
+
+def _teacher_label(run: Path) -> str:
+    """'beta_vae, beta 4' etc. from the run's teacher/model.json (the folder name without one)."""
+    meta = run / "teacher" / "model.json"
+    if not meta.is_file():
+        return run.name
+    params = json.loads(meta.read_text())["params"]
+    name = {"beta_vae": "beta-VAE", "beta_tcvae": "beta-TCVAE", "factor_vae": "FactorVAE"}.get(
+        params.get("objective", "beta_vae"), params.get("objective"))
+    weight = "gamma" if params.get("objective") == "factor_vae" else "beta"
+    extra = f", TC weight ramped over {params['kl_warmup_steps']:,} steps" if params.get("kl_warmup_steps") else ""
+    extra += ", stratified TC estimator" if params.get("tc_estimator") == "mss" else ""
+    return f"{name}, {weight} {params.get('beta'):g}{extra}"
+
+
+def teacher_curves_figure(runs: list[Path], path: Path) -> Path:
+    """Quick FactorVAE score (1,000 / 500 votes) against the teacher's step, one line per run folder (its
+    results.jsonl `teacher_track_*` rows), the source's teacher (0.804) as a reference line."""
+    from anomalab.errors import DataError
+
+    fig, ax = pyplot().subplots(figsize=(8, 4.2))
+    drawn = 0
+    for run in runs:
+        rows = []
+        if (run / "results.jsonl").is_file():
+            rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines() if line.strip()]
+        track = sorted((r["step"], r["quick_factor_vae"]) for r in rows if str(r.get("stage", "")).startswith(
+            "teacher_track_"))
+        if not track:
+            continue
+        steps, scores = zip(*track, strict=True)
+        ax.plot(steps, scores, marker=".", label=f"{_teacher_label(run)} ({run.name})")
+        drawn += 1
+    if not drawn:
+        raise DataError(f"no teacher_track rows (from --track) in {', '.join(map(str, runs))}")
+    ax.axhline(0.804, color="k", ls="--", lw=1, label="source's teacher (0.804)")
+    ax.set(xlabel="teacher step (batches of 64)", ylabel="FactorVAE score (quick: 1,000 / 500 votes)",
+           ylim=(0, 1), title="Teacher disentanglement on dSprites while training (latent 5)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+    return path
 
 
 def correspondence_figure(res: ResultStore, path: Path) -> Path | None:

@@ -36,7 +36,7 @@ class BetaVAE(LatentModel):
 
     def __init__(self, latent_dim: int = 5, beta: float = 4.0, steps: int = 5000, batch_size: int = 64,
                  lr: float = 5e-4, kl_warmup_steps: int = 0, objective: str = "beta_vae", tc_estimator: str = "mws",
-                 seed: int = 0, device: str = "cpu"):
+                 tc_width: int = 1000, seed: int = 0, device: str = "cpu"):
         self.latent_dim = latent_dim  # k: the teacher's latent size (source: 5)
         self.beta = beta  # beta: weight of the KL term (Higgins et al. 2017; 4 as in Burgess et al.)
         self.steps = steps  # optimiser steps (an epoch of dSprites is 11,520 steps of 64)
@@ -49,6 +49,7 @@ class BetaVAE(LatentModel):
         self.objective = objective
         # beta_tcvae's estimator of log q(z): "mws" minibatch-weighted or "mss" minibatch-stratified sampling
         self.tc_estimator = tc_estimator
+        self.tc_width = tc_width  # factor_vae: units per layer of D (the paper: 1,000; 6 layers)
         self.seed = seed
         self.device = device
 
@@ -64,7 +65,7 @@ class BetaVAE(LatentModel):
         self.optimizer_ = torch.optim.Adam(params, lr=self.lr, fused=True)  # one kernel for all parameters
         self.tc_disc_ = self.optimizer_d_ = None
         if self.objective == "factor_vae":
-            self.tc_disc_ = tc_discriminator(self.latent_dim)
+            self.tc_disc_ = tc_discriminator(self.latent_dim, width=int(self.tc_width))
             self.optimizer_d_ = torch.optim.Adam(self.tc_disc_.parameters(), lr=1e-4, betas=(0.5, 0.9), fused=True)
 
     def _nets(self):
