@@ -433,6 +433,14 @@ def cross_fit(make: Callable[[], Any], train: ImageSet, k: int, seed: int, *, ma
     stats = NormalStats(scores=scores, names=list(train.names), fold=fold)
     if maps:
         stats.map_max, stats.map_sample = map_max, np.concatenate(samples)
+    return stats, info, _fold_duplicates(train, fold, features, variance, ratios, space)
+
+
+def _fold_duplicates(train: ImageSet, fold: np.ndarray, features: Tensor, variance: float, ratios: Tensor | None,
+                     space: DupSpace) -> dict[str, Any]:
+    """The near-duplicate record of out-of-fold scoring: each image against the images its fold's detector
+    trained on (every other fold)."""
+    n = len(train)
     if ratios is not None:
         ratio = ratios.masked_fill(torch.as_tensor(fold[:, None] == fold[None, :]), float("inf")).min(1).values
         pick, ratio, n_ref = np.arange(n), ratio.numpy(), n
@@ -441,7 +449,7 @@ def cross_fit(make: Callable[[], Any], train: ImageSet, k: int, seed: int, *, ma
         ratio = space.nearest(features[torch.as_tensor(pick)], features[torch.as_tensor(refs)], variance,
                               exclude=fold[refs], query_group=fold[pick])
         n_ref = len(refs)
-    return stats, info, duplicate_record(ratio, [train.names[i] for i in pick], n, space, n_ref)
+    return duplicate_record(ratio, [train.names[i] for i in pick], n, space, n_ref)
 
 
 def leave_group_out(det: Any, train: ImageSet, *, space: DupSpace | None = None
@@ -463,17 +471,9 @@ def leave_group_out(det: Any, train: ImageSet, *, space: DupSpace | None = None
     info = {"k": int(len(sizes)), "seed": None, "method": "leave-one-out", "grouped": ratios is not None,
             "n_grouped_images": int(sizes[sizes > 1].sum()), "n_groups": int(np.sum(sizes > 1)),
             "largest_group": int(sizes.max())}
-    if ratios is not None:
-        ratio = ratios.masked_fill(torch.as_tensor(fold[:, None] == fold[None, :]), float("inf")).min(1).values
-        pick, ratio, n_ref = np.arange(n), ratio.numpy(), n
-    else:
-        pick, refs = _spread_pick(n, space.max_queries), _spread_pick(n, space.max_refs)
-        ratio = space.nearest(features[torch.as_tensor(pick)], features[torch.as_tensor(refs)], variance,
-                              exclude=fold[refs], query_group=fold[pick])
-        n_ref = len(refs)
     log.info("leave-one-out scores of %d training images (closed form, %d near-duplicate groups left out whole)",
              n, info["n_groups"])
-    return stats, info, duplicate_record(ratio, [train.names[i] for i in pick], n, space, n_ref)
+    return stats, info, _fold_duplicates(train, fold, features, variance, ratios, space)
 
 
 def describe(thr: Threshold, folds: int | dict[str, Any] | None = None) -> str:
