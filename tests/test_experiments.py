@@ -150,3 +150,19 @@ def test_formatting_helpers():
     assert mean_std([0.9], count=True) == "0.900 (1)" and mean_std([]) == "-"
     assert mean_std(np.array([0.91, 0.93]), count=True) == "0.920 ± 0.010 (2)"
     assert markdown_table(["a", "b"], [[1, "x"]]) == ["| a | b |", "|---|---|", "| 1 | x |"]
+
+
+def test_gan_mnist_lists_the_paper_plan_cells_not_run_with_their_measured_cost():
+    def row(name, digit, seed, cost, budget="epochs=paper bn_recalibrate=True"):
+        return {"detector": name, "digit": digit, "seed": seed, "budget": budget, "fit_s": cost, "score_s": 0.0}
+
+    rows = [row("ganomaly", d, s, 240.0) for d in range(10) for s in (0, 1)]  # seed 2 missing
+    rows += [row("skip_ganomaly", d, s, 420.0) for d in range(10) for s in (0, 1, 2)]  # complete
+    rows += [row("egbad", 0, 0, 3000.0, "epochs=paper bn_recalibrate=False")]  # an older tag counts as run
+    text = "\n".join(gan_mnist.not_run_lines(rows))
+    assert "| ganomaly | 10 | seed 2: digits 0, 1, 2, 3, 4, 5, 6, 7, 8, 9 | not run yet: one cell took 4 min" in text
+    assert "| egbad | 9 | seed 0: digits 1, 2, 3, 4, 5, 6, 7, 8, 9 | not run yet: one cell took 50 min" in text
+    assert "| anogan | 10 |" in text and "no cell of it measured" in text
+    assert "skip_ganomaly" not in text
+    # a reduced-budget table has no paper plan to report against
+    assert gan_mnist.not_run_lines([row("ganomaly", 0, 0, 10.0, "epochs=1")]) == []
