@@ -29,6 +29,15 @@ def test_overrides_are_named_and_described():
     assert exp._describe(o) == ", kl_warmup_steps=200, w_adv=1, w_kd=1, w_pixel=0"
 
 
+def test_source_objective_sets_eqs_1_to_5_weights_and_names_its_cells():
+    o = exp.student_overrides(_args(source_objective=True))
+    # the budget's w_kd = w_adv = 100 back to 1, the pixel BCE and the wrong-label D term off; w_feature is
+    # already 1 (not an override)
+    assert o == {"w_kd": 1.0, "w_adv": 1.0, "w_pixel": 0.0, "w_mismatch": 0.0}
+    assert exp._student_stage_name(1.0, 0, o) == "student_g1_s0_w_adv1_kd1_w_mismatch0_w_pixel0"
+    assert exp.student_overrides(_args(source_objective=True, student_set=["w_pixel=0.5"]))["w_pixel"] == 0.5
+
+
 @pytest.mark.parametrize("item, message", [("w_adv", "not key=value"), ("nope=1", "no parameter 'nope'"),
                                            ("w_adv=ten", "w_adv must be a number, got 'ten'"),
                                            ("w_adv=-1", "w_adv must be >= 0")])

@@ -55,6 +55,9 @@ TEACHER = dict(latent_dim=5, beta=4.0, steps=2000, batch_size=64, lr=5e-4)  # be
 STUDENT = dict(latent_dim=5, added_dims=1, beta=4.0, steps=3000, batch_size=32, lr=5e-4, lr_d=2e-4,
                w_kd=100.0, w_adv=100.0)
 PAPER_TEACHER_STEPS, PAPER_STUDENT_STEPS = 300_000, 50_000  # disentanglement_lib's 300k steps; ours
+# --source-objective: the students' loss exactly as eqs. 1-5 state it: every weight 1, L_vae with the
+# discriminator-feature reconstruction only (no pixel BCE), D with eq. 4's three terms (no wrong-label term)
+SOURCE_OBJECTIVE = {"w_kd": 1.0, "w_adv": 1.0, "w_feature": 1.0, "w_pixel": 0.0, "w_mismatch": 0.0}
 GAMMAS = (0.0, 1.0, 5.0, 10.0)  # weight of the filtered-prior GAN term (eq. 4): the source's sweep
 SEEDS = (0,)  # student seeds (the teacher has its own, --seed)
 METRIC = dict(LIB_VARIANT)  # 10,000 train / 5,000 eval votes, L = 64, variances from 10,000 samples
@@ -197,6 +200,8 @@ def student_overrides(args) -> dict:
         shortcuts["added_logvar_init"] = args.added_logvar_init
     if args.w_kd != STUDENT["w_kd"]:
         shortcuts["w_kd"] = args.w_kd
+    if getattr(args, "source_objective", False):  # eqs. 1-5 as the source states them (Table 1's row (a))
+        shortcuts.update(SOURCE_OBJECTIVE)
     given = {**shortcuts, **parse_items(args.student_set, what="--student-set")}
     values = validate(BetaVAEGAN, given, owner="beta_vaegan student")
     defaults = {**signature_defaults(BetaVAEGAN), **STUDENT}
@@ -328,6 +333,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--w-kd", type=float, default=STUDENT["w_kd"],
                    help=f"students: weight of L_KD (eq. 3; source 1, default {STUDENT['w_kd']:g}). A larger weight "
                         "pins the teacher's dims harder; cells with another weight are stored as separate stages")
+    p.add_argument("--source-objective", action="store_true",
+                   help="students: the loss exactly as the source's eqs. 1-5 (w_kd = w_adv = w_feature = 1, no pixel "
+                        "BCE, no wrong-label D term); --student-set items still apply on top")
     p.add_argument("--student-set", action="append", default=[], metavar="KEY=VALUE",
                    help="students: any BetaVAEGAN parameter (e.g. w_pixel=0), converted to its type; repeatable; "
                         "cells with other parameters are stored as separate stages")
