@@ -150,3 +150,35 @@ def test_teacher_curves_are_drawn_from_tracked_runs_and_labelled_by_their_teache
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no teacher_track rows"):
         main(["--curves", str(tmp_path / "empty"), "--out", str(tmp_path / "fig")])
+
+
+def test_a_given_teacher_is_used_as_saved_and_never_written(tmp_path):
+    import hashlib
+
+    import torch
+
+    from anomalab.experiments._common import open_store
+    from anomalab.generate.beta_vaegan.teacher import BetaVAE
+
+    saved = tmp_path / "teacher_kept"
+    t = BetaVAE(batch_size=8, seed=3).start()
+    t.progress = False
+    t.train_more(2)
+    t.save(saved)
+    digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in saved.iterdir()}
+    out = tmp_path / "out"
+    args = argparse.Namespace(teacher=saved, device="cpu", progress=False, out=out, pool_size=0, track=False)
+    res = open_store(out, exp.KEY)
+    res.add({"stage": "teacher", "model": "teacher", "teacher_path": str(saved), "d_acc_5": 0.5})  # scored before
+    got = exp.teacher_stage(args, res)
+    assert got.steps_done_ == 2 and not (out / "teacher").exists()  # nothing trained in --out
+    x = torch.rand(4, 1, 64, 64)
+    torch.testing.assert_close(got.encode(x), t.encode(x), rtol=0, atol=0)
+    assert digest == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in saved.iterdir()}
+    # an --out whose students came from another teacher is refused, either way round
+    other = open_store(tmp_path / "other", exp.KEY)
+    other.add({"stage": "teacher", "model": "teacher", "d_acc_5": 0.6})  # a teacher trained in that --out
+    with pytest.raises(ParameterError, match="distilled from the teacher trained in"):
+        exp.teacher_stage(argparse.Namespace(**{**vars(args), "out": tmp_path / "other"}), other)
+    with pytest.raises(ParameterError, match="no saved teacher there"):
+        exp.given_teacher(argparse.Namespace(**{**vars(args), "teacher": tmp_path / "nothing"}))

@@ -132,8 +132,38 @@ def _load_or_start_teacher(path: Path, args, **params) -> BetaVAE:
     return teacher
 
 
+def given_teacher(args) -> BetaVAE | None:
+    """--teacher PATH: that saved teacher, read and never written (no further training); None without it."""
+    if not getattr(args, "teacher", None):
+        return None
+    path = Path(args.teacher)
+    if not (path / "model.json").is_file():
+        raise ParameterError(f"--teacher {path}: no saved teacher there (model.json missing)")
+    teacher = BetaVAE.load(path, device=args.device)
+    teacher.progress = args.progress
+    return teacher
+
+
 def teacher_stage(args, res: ResultStore) -> BetaVAE:
     path = args.out / "teacher"
+    given = given_teacher(args)
+    stored_row = res.get(("teacher",)) if ("teacher",) in res else None
+    before = None if stored_row is None else stored_row.get("teacher_path")
+    now = None if given is None else str(args.teacher)
+    if stored_row is not None and before != now:  # the students stored there were distilled from another teacher
+        raise ParameterError(f"{args.out} holds results distilled from "
+                             f"{before or 'the teacher trained in ' + str(path)}, not from "
+                             f"{now or 'a teacher trained there'}: choose another --out")
+    if given is not None:
+        if ("teacher",) not in res:
+            with Clock() as c:
+                m, _ = _metric(given, DSprites(), 1, args)
+            row = res.add({"stage": "teacher", "model": "teacher", "seed": given.seed, "steps": given.steps_done_,
+                           "batch_size": given.batch_size, "teacher_path": str(args.teacher),
+                           "objective": given.objective, "d_acc_5": m["eval_accuracy"], "metric5": m,
+                           "metric_cpu_s": c.cpu_s, "pool_size": args.pool_size})
+            print(f"teacher {args.teacher}: FactorVAE {row['d_acc_5']:.3f} ({given.steps_done_} steps)")
+        return given
     teacher = _load_or_start_teacher(path, args)
 
     def track(m):
@@ -310,6 +340,9 @@ def main(argv: list[str] | None = None) -> None:
                         "exact metric, GPU when present")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--track", action="store_true", help="quick FactorVAE every 1,000 teacher steps")
+    p.add_argument("--teacher", type=Path, default=None, metavar="PATH",
+                   help="a saved teacher folder to distil from as it is (read only, not trained further), e.g. "
+                        "docs/results/beta_vaegan/teacher_long/teacher; default: train one in --out/teacher")
     p.add_argument("--teacher-objective", choices=("beta_vae", "beta_tcvae", "factor_vae"), default="beta_vae",
                    help="the teacher's objective: beta-VAE (Higgins et al.), beta-TCVAE (Chen et al. 2018) or "
                         "FactorVAE (Kim & Mnih 2018, TC from a discriminator)")
