@@ -213,12 +213,13 @@ def test_bad_parameters_are_refused(params, message):
 
 # ---- PaDiM ---------------------------------------------------------------------------------------------
 def test_padim_gaussians_equal_numpy_mean_and_covariance():
-    x = torch.rand(24, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    # 40 images: the sums are updated 32 at a time (padim.MOMENT_BATCH), then with the remaining 8
+    x = torch.rand(40, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     det = PaDiM(image_size=32, weights=None, d_channels=12, eps=0.01).fit(x)
     with torch.inference_mode():
         z, grid = det.embed_patches(prepare(x, det.input_shape_))
     z = z.double().numpy()  # (N, P, d)
-    assert grid == (8, 8) and z.shape == (24, 64, 12)
+    assert grid == (8, 8) and z.shape == (40, 64, 12) and det.n_train_ == 40
     mean = z.mean(0)
     assert np.allclose(det.mean_.numpy(), mean, rtol=1e-5, atol=1e-6)
     precision = det.precision_.double().numpy()
