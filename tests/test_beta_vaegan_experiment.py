@@ -182,3 +182,20 @@ def test_a_given_teacher_is_used_as_saved_and_never_written(tmp_path):
         exp.teacher_stage(argparse.Namespace(**{**vars(args), "out": tmp_path / "other"}), other)
     with pytest.raises(ParameterError, match="no saved teacher there"):
         exp.given_teacher(argparse.Namespace(**{**vars(args), "teacher": tmp_path / "nothing"}))
+
+
+def test_teacher_only_scores_a_given_teacher_and_names_each_factors_dimension(tmp_path, capsys):
+    from anomalab.generate.beta_vaegan.teacher import BetaVAE
+
+    t = BetaVAE(batch_size=8, seed=0).start()
+    t.progress = False
+    t.train_more(2)
+    t.save(tmp_path / "t")
+    exp.main(["--teacher", str(tmp_path / "t"), "--teacher-only", "--pool-size", "2000", "--out", str(tmp_path / "o")])
+    text = capsys.readouterr().out
+    row = ResultStore(tmp_path / "o" / "results.jsonl", exp.KEY).get(("teacher",))
+    assert row["teacher_path"] == str(tmp_path / "t") and 0 <= row["d_acc_5"] <= 1
+    assert f"teacher FactorVAE {row['d_acc_5']:.3f}" in text
+    for name in ("shape", "scale", "orientation", "pos_x", "pos_y"):
+        assert f"  {name}" in text and "-> z" in text
+    assert not any((tmp_path / "o").glob("student_*"))  # nothing distilled

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from anomalab.data.dsprites import ColouredDSprites, DSprites, WhiteDSprites, added_set
+from anomalab.data.dsprites import FACTOR_NAMES, ColouredDSprites, DSprites, WhiteDSprites, added_set
 from anomalab.errors import ParameterError
 from anomalab.experiments._common import (
     Clock,
@@ -142,6 +142,20 @@ def given_teacher(args) -> BetaVAE | None:
     teacher = BetaVAE.load(path, device=args.device)
     teacher.progress = args.progress
     return teacher
+
+
+def teacher_summary(row: dict) -> str:
+    """One line per factor of a stored teacher row: the latent dimension most of its eval votes went to and
+    that share, after the score (FactorVAE metric: each vote names the dim of least normalised variance)."""
+    m = row["metric5"]
+    votes = np.asarray(m["votes"])  # (factors, dims)
+    lines = [f"teacher FactorVAE {m['eval_accuracy']:.3f} (train {m['train_accuracy']:.3f}, "
+             f"{m['num_active_dims']} active dims)"]
+    for name, v in zip(FACTOR_NAMES, votes, strict=True):
+        d = int(v.argmax())
+        lines.append(f"  {name:12s} -> z{d + 1}  ({v[d] / max(v.sum(), 1):.0%} of its votes; dim mapped to "
+                     f"{FACTOR_NAMES[int(m['classifier'][d])]})")
+    return "\n".join(lines)
 
 
 def teacher_stage(args, res: ResultStore) -> BetaVAE:
@@ -343,6 +357,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--teacher", type=Path, default=None, metavar="PATH",
                    help="a saved teacher folder to distil from as it is (read only, not trained further), e.g. "
                         "docs/results/beta_vaegan/teacher_long/teacher; default: train one in --out/teacher")
+    p.add_argument("--teacher-only", action="store_true",
+                   help="stop after the teacher stage: its full FactorVAE score and each factor's majority dimension")
     p.add_argument("--teacher-objective", choices=("beta_vae", "beta_tcvae", "factor_vae"), default="beta_vae",
                    help="the teacher's objective: beta-VAE (Higgins et al.), beta-TCVAE (Chen et al. 2018) or "
                         "FactorVAE (Kim & Mnih 2018, TC from a discriminator)")
@@ -389,6 +405,9 @@ def main(argv: list[str] | None = None) -> None:
     check_settings(args)
     res = open_store(args.out, KEY)
     teacher = teacher_stage(args, res)
+    if args.teacher_only:
+        print(teacher_summary(res.get(("teacher",))))
+        return
     if args.warmup_teacher:
         warmup_teacher_stage(args, res)
     students = {g: student_stage(args, res, teacher, g, s) for g in args.gammas for s in args.seeds[:1]}
