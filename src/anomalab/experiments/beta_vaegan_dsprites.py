@@ -525,9 +525,10 @@ def degree_figures(curves: dict, students: dict[float, BetaVAEGAN], normal, out:
 
 
 def _teacher_label(run: Path) -> str:
-    """'beta_vae, beta 4' etc. from the run's teacher/model.json (the folder name without one)."""
-    meta = run / "teacher" / "model.json"
-    if not meta.is_file():
+    """'beta-VAE, beta 4' etc. from the run's teacher/model.json, or a model.json kept beside its results.jsonl
+    (the folder name without either)."""
+    meta = next((m for m in (run / "teacher" / "model.json", run / "model.json") if m.is_file()), None)
+    if meta is None:
         return run.name
     params = json.loads(meta.read_text())["params"]
     name = {"beta_vae": "beta-VAE", "beta_tcvae": "beta-TCVAE", "factor_vae": "FactorVAE"}.get(
