@@ -57,8 +57,8 @@ KEY = ("detector", "digit", "seed", "budget")  # what identifies a row of result
 # Reference AUROCs on the same protocol and the same 5,000 digits at 32x32 (measured with anomalib 2.7.0's
 # GANomaly: honest last-epoch evaluation) and a raw-pixel kNN, per anomaly digit.
 REFERENCE = {
-    "anomalib GANomaly, 15 epochs": {0: 0.848, 1: 0.377},
-    "anomalib GANomaly, 1 epoch": {0: 0.925, 8: 0.753},
+    "anomalib GANomaly, 15 epochs": {0: 0.848},
+    "anomalib GANomaly, 1 epoch": {0: 0.925, 1: 0.377, 8: 0.753},
     "raw-pixel kNN": {0: 0.973, 1: 0.494, 8: 0.900},
 }
 GRID_DIGIT = 0  # the digit whose histograms and image grids the docs show

@@ -334,8 +334,10 @@ def bar_chart(groups: Sequence[str], series: dict[str, Sequence[float]], path: s
     for i, (name, values) in enumerate(series.items()):
         err = None if errors is None else errors.get(name)
         ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, yerr=err, label=name, capsize=2)
-    for name, values in (references or {}).items():
-        ax.scatter(x, values, marker="_", s=300, color="k", zorder=3, label=name)
+    styles = [("_", "k"), ("x", "k"), ("_", "tab:grey"), ("x", "tab:grey")]  # one marker per reference
+    for j, (name, values) in enumerate((references or {}).items()):
+        marker, colour = styles[j % len(styles)]
+        ax.scatter(x, values, marker=marker, s=300 if marker == "_" else 60, color=colour, zorder=3, label=name)
     ax.set_xticks(x, groups)
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1.05)
