@@ -169,12 +169,16 @@ def test_a_given_teacher_is_used_as_saved_and_never_written(tmp_path):
     out = tmp_path / "out"
     args = argparse.Namespace(teacher=saved, device="cpu", progress=False, out=out, pool_size=0, track=False)
     res = open_store(out, exp.KEY)
-    res.add({"stage": "teacher", "model": "teacher", "teacher_path": str(saved), "d_acc_5": 0.5})  # scored before
+    res.add({"stage": "teacher", "model": "teacher", "teacher_path": str(saved), "d_acc_5": 0.5, "steps": 2,
+             "batch_size": 8, "seed": 3})  # scored before, as teacher_stage stores a given teacher
     got = exp.teacher_stage(args, res)
     assert got.steps_done_ == 2 and not (out / "teacher").exists()  # nothing trained in --out
     x = torch.rand(4, 1, 64, 64)
     torch.testing.assert_close(got.encode(x), t.encode(x), rtol=0, atol=0)
     assert digest == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in saved.iterdir()}
+    # the table names the teacher's objective; a given teacher without a training time shows "-"
+    row = "\n".join(exp.table_lines(res, args))
+    assert "| teacher (beta_vae) | 0.500 |" in row and "| 2 x 8 | - | 3 |" in row
     # an --out whose students came from another teacher is refused, either way round
     other = open_store(tmp_path / "other", exp.KEY)
     other.add({"stage": "teacher", "model": "teacher", "d_acc_5": 0.6})  # a teacher trained in that --out

@@ -172,8 +172,10 @@ def teacher_stage(args, res: ResultStore) -> BetaVAE:
         if ("teacher",) not in res:
             with Clock() as c:
                 m, _ = _metric(given, DSprites(), 1, args)
+            spent = Path(args.teacher) / "time.json"  # the training time kept beside a checkpoint, if any
+            cpu_s = json.loads(spent.read_text()).get("cpu_s") if spent.is_file() else None
             row = res.add({"stage": "teacher", "model": "teacher", "seed": given.seed, "steps": given.steps_done_,
-                           "batch_size": given.batch_size, "teacher_path": str(args.teacher),
+                           "batch_size": given.batch_size, "teacher_path": str(args.teacher), "train_cpu_s": cpu_s,
                            "objective": given.objective, "d_acc_5": m["eval_accuracy"], "metric5": m,
                            "metric_cpu_s": c.cpu_s, "pool_size": args.pool_size})
             print(f"teacher {args.teacher}: FactorVAE {row['d_acc_5']:.3f} ({given.steps_done_} steps)")
@@ -442,8 +444,10 @@ def table_lines(res: ResultStore, args) -> list[str]:
     t = stored(res, "teacher")
     if t:
         src = SOURCE_TABLE1["teacher"]
-        body.append(["teacher (beta-VAE)", fmt(t["d_acc_5"]), "-", "-", f"{fmt(src[0])} / - / -",
-                     f"{t['steps']} x {t['batch_size']}", f"{t['train_cpu_s'] / 60:.1f}", t["seed"]])
+        label = f"teacher ({t.get('objective', 'beta_vae')})"
+        body.append([label, fmt(t["d_acc_5"]), "-", "-", f"{fmt(src[0])} / - / -",
+                     f"{t['steps']} x {t['batch_size']}",
+                     "-" if t.get("train_cpu_s") is None else f"{t['train_cpu_s'] / 60:.1f}", t["seed"]])
     w = stored(res, "teacher_warmup")
     if w:
         body.append([f"teacher option: beta warm-up over {w['kl_warmup_steps']} steps", fmt(w["d_acc_5"]), "-", "-",
