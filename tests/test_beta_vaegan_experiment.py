@@ -203,3 +203,21 @@ def test_teacher_only_scores_a_given_teacher_and_names_each_factors_dimension(tm
     for name in ("shape", "scale", "orientation", "pos_x", "pos_y"):
         assert f"  {name}" in text and "-> z" in text
     assert not any((tmp_path / "o").glob("student_*"))  # nothing distilled
+
+
+def test_report_only_rebuilds_the_table_from_stored_rows_without_training(tmp_path, monkeypatch):
+    from anomalab.experiments._common import open_store
+
+    res = open_store(tmp_path, exp.KEY)
+    res.add({"stage": "teacher", "model": "teacher", "d_acc_5": 0.8, "steps": 43000, "batch_size": 64, "seed": 0,
+             "objective": "factor_vae", "train_cpu_s": 60.0})
+    res.add({"stage": "student_g1_s0", "model": "student", "gamma": 1.0, "seed": 0, "overrides": {}, "steps": 3000,
+             "batch_size": 32, "train_cpu_s": 300.0, "d_acc_5": 0.74, "d_acc_6": 0.61, "correspondence": 0.0})
+    monkeypatch.setattr(exp, "student_stage", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(exp, "teacher_stage", lambda *a, **k: pytest.fail("trained"))
+    exp.main(["--out", str(tmp_path), "--report-only"])
+    table = (tmp_path / "results.md").read_text()
+    assert "| teacher (factor_vae) | 0.800 |" in table and "0.740" in table
+    assert (tmp_path / "correspondence.png").is_file()
+    with pytest.raises(ParameterError, match="no results"):
+        exp.main(["--out", str(tmp_path / "empty"), "--report-only"])

@@ -394,10 +394,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-figures", dest="figures", action="store_false",
                    help="skip the traversal and degree figures (correspondence.png, drawn from the table, is kept)")
     p.add_argument("--progress", action="store_true", help="progress bars")
+    p.add_argument("--report-only", action="store_true",
+                   help="rebuild results.md and correspondence.png from --out's results.jsonl (e.g. after merging "
+                        "the rows of cells run in separate folders); nothing is trained")
     p.add_argument("--curves", nargs="+", type=Path, default=None, metavar="RUN",
                    help="only draw the teacher curves (quick FactorVAE score vs step, from --track) of these run "
                         "folders into --out/teacher_curves.png; nothing is trained")
     args = p.parse_args(argv)
+    if args.report_only:  # the table and the correspondence figure from the stored rows; nothing trained
+        res = open_store(args.out, KEY)
+        if not res.rows():
+            raise ParameterError(f"--report-only: no results in {args.out / 'results.jsonl'}")
+        correspondence_figure(res, args.out / "correspondence.png")
+        print(write_table(args.out, table_lines(res, args)))
+        return
     if args.curves:
         print(teacher_curves_figure(args.curves, args.out / "teacher_curves.png"))
         return
