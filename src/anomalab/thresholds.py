@@ -346,6 +346,12 @@ def duplicate_groups(ratios: Tensor) -> np.ndarray:
     return np.array([root(i) for i in range(n)])
 
 
+def _group_counts(sizes: np.ndarray) -> dict[str, int]:
+    """How many images sit in near-duplicate groups, how many such groups, the largest, from the group sizes."""
+    return {"n_grouped_images": int(sizes[sizes > 1].sum()), "n_groups": int(np.sum(sizes > 1)),
+            "largest_group": int(sizes.max())}
+
+
 def make_folds(ratios: Tensor | None, n: int, k: int, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
     """(fold index per image, description): k folds of about equal size with near-duplicate groups kept
     whole (largest groups first, each into the smallest fold so far), from the (n, n) ratio matrix. Random
@@ -356,8 +362,7 @@ def make_folds(ratios: Tensor | None, n: int, k: int, seed: int) -> tuple[np.nda
                             "largest_group": None}
     if ratios is not None:
         ids, inverse, sizes = np.unique(duplicate_groups(ratios), return_inverse=True, return_counts=True)
-        info.update(n_grouped_images=int(sizes[sizes > 1].sum()), n_groups=int(np.sum(sizes > 1)),
-                    largest_group=int(sizes.max()))
+        info.update(_group_counts(sizes))
         if len(ids) >= k and sizes.max() <= 1.5 * n / k:
             order = rng.permutation(len(ids))
             order = order[np.argsort(-sizes[order], kind="stable")]
@@ -404,15 +409,21 @@ def holdout_duplicates(calib: Tensor, train: Tensor, names: Sequence[str], space
 
 
 # ---- calibration of a fit --------------------------------------------------------------------------------
+def _duplicate_ratios(train: ImageSet, space: DupSpace) -> tuple[Tensor, float, Tensor | None]:
+    """The training images in `space`, their variance, and the (n, n) near-duplicate ratio matrix (None above
+    `space.max_grouped` images)."""
+    features = space.features(train.images)
+    variance = space.variance(features)
+    return features, variance, space.matrix(features, variance) if len(train) <= space.max_grouped else None
+
+
 def cross_fit(make: Callable[[], Any], train: ImageSet, k: int, seed: int, *, maps: bool = True,
               space: DupSpace | None = None) -> tuple[NormalStats, dict[str, Any], dict[str, Any]]:
     """Out-of-fold statistics of every training image: (stats in training order, fold description,
     near-duplicate record of each image against the images its fold detector trained on)."""
     space = space or DupSpace()
     n = len(train)
-    features = space.features(train.images)
-    variance = space.variance(features)
-    ratios = space.matrix(features, variance) if n <= space.max_grouped else None
+    features, variance, ratios = _duplicate_ratios(train, space)
     fold, info = make_folds(ratios, n, k, seed)
     scores, map_max, samples = np.empty(n), np.empty(n), [None] * k
     for f in range(k):
@@ -459,9 +470,7 @@ def leave_group_out(det: Any, train: ImageSet, *, space: DupSpace | None = None
     image is scored by a model fitted on all the others (n - 1 images, not (k - 1) / k of them)."""
     space = space or DupSpace()
     n = len(train)
-    features = space.features(train.images)
-    variance = space.variance(features)
-    ratios = space.matrix(features, variance) if n <= space.max_grouped else None
+    features, variance, ratios = _duplicate_ratios(train, space)
     fold = np.arange(n) if ratios is None else np.unique(duplicate_groups(ratios), return_inverse=True)[1]
     sizes = np.bincount(fold)
     scores, maps = det.heldout_maps(train.images, fold)
@@ -469,8 +478,7 @@ def leave_group_out(det: Any, train: ImageSet, *, space: DupSpace | None = None
     maxima, samples = zip(*(_map_stats(maps[i : i + MAP_BATCH]) for i in range(0, n, MAP_BATCH)), strict=True)
     stats.map_max, stats.map_sample = np.concatenate(maxima), np.concatenate(samples)
     info = {"k": int(len(sizes)), "seed": None, "method": "leave-one-out", "grouped": ratios is not None,
-            "n_grouped_images": int(sizes[sizes > 1].sum()), "n_groups": int(np.sum(sizes > 1)),
-            "largest_group": int(sizes.max())}
+            **_group_counts(sizes)}
     log.info("leave-one-out scores of %d training images (closed form, %d near-duplicate groups left out whole)",
              n, info["n_groups"])
     return stats, info, _fold_duplicates(train, fold, features, variance, ratios, space)
