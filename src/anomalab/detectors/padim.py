@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -37,15 +38,21 @@ def gaussian_precision(moments: _Moments, eps: float, chunk: int = 64) -> Tensor
     of `moments` (float64, `chunk` positions at a time)."""
     n = moments.n
     out = torch.empty(moments.s2.shape, dtype=torch.float32)
-    eye = torch.eye(moments.s2.shape[-1], dtype=torch.float64)
     for i in range(0, len(out), chunk):
         s1, s2 = moments.s1[i : i + chunk], moments.s2[i : i + chunk]
-        cov = (s2 - s1[:, :, None] * s1[:, None, :] / n) / (n - 1) + eps * eye
-        chol, info = torch.linalg.cholesky_ex(cov)
-        if info.any():
-            raise DataError(f"padim.fit: a covariance is singular (n = {n} images, eps = {eps}): use eps > 0")
-        out[i : i + chunk] = torch.cholesky_inverse(chol).float()
+        out[i : i + chunk] = ridge_inverse((s2 - s1[:, :, None] * s1[:, None, :] / n) / (n - 1), eps,
+                                           f"padim.fit: a covariance is singular (n = {n} images, eps = {eps}): "
+                                           "use eps > 0").float()
     return out
+
+
+def ridge_inverse(cov: Tensor, eps: float, singular: str) -> Tensor:
+    """(..., d, d) float64 inverses of cov + eps I by Cholesky; a DataError with the message `singular` when one
+    is not positive definite."""
+    chol, info = torch.linalg.cholesky_ex(cov + eps * torch.eye(cov.shape[-1], dtype=cov.dtype))
+    if info.any():
+        raise DataError(singular)
+    return torch.cholesky_inverse(chol)
 
 
 def mahalanobis(z: Tensor, mean: Tensor, precision: Tensor) -> Tensor:
@@ -191,13 +198,14 @@ class PaDiM(BaseDetector):
         return torch.cat([part[0] for part in parts]), parts[0][1]
 
     def _maps_from(self, d: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> Tensor:
-        """(B, P) per-position distances -> (B, H, W) smoothed maps at the prepared size."""
-        maps = F.interpolate(d.reshape(len(d), 1, *grid), size=size, mode="bilinear", align_corners=False)[:, 0]
-        return gaussian_blur(maps, float(self.sigma))
+        """(B, P) per-position distances -> (B, H, W) smoothed maps at the prepared size `size` (plain integers;
+        batch-size free reshape and blur filters built for `size`, so the ONNX graph holds them as constants)."""
+        maps = F.interpolate(d.reshape(-1, 1, *grid), size=size, mode="bilinear", align_corners=False)[:, 0]
+        return gaussian_blur(maps, float(self.sigma), size=size)
 
     def _map_batch(self, x: Tensor) -> Tensor:
         z, grid = self._embed_all(x)
-        return self._maps_from(mahalanobis(z, self.mean_, self.precision_), grid, tuple(x.shape[-2:]))
+        return self._maps_from(mahalanobis(z, self.mean_, self.precision_), grid, tuple(int(s) for s in x.shape[-2:]))
 
     # ---- calibration without refitting ------------------------------------------------------------
     def heldout_maps(self, images: Tensor, groups=None, chunk: int = 64) -> tuple[Tensor, Tensor]:
@@ -216,8 +224,6 @@ class PaDiM(BaseDetector):
         Woodbury's identity then gives v^T (B - W W^T)^-1 v = v^T B^-1 v + t^T (I - W^T B^-1 W)^-1 t with
         t = W^T B^-1 v: one Cholesky of B per position (as the fit) and an m x m solve per group. float64
         throughout; tested against explicit refits."""
-        import numpy as np
-
         self._check_fitted()
         images = check_images(images, what=f"{self.name}.heldout_maps")
         n = len(images)
@@ -244,21 +250,16 @@ class PaDiM(BaseDetector):
             members = [np.flatnonzero(inverse == g) for g in range(len(ids))]
             singles = np.concatenate([m for m in members if len(m) == 1] or [np.empty(0, int)])
             multi = [m for m in members if len(m) > 1]
+            group_sizes = sorted({len(m) for m in members})  # the sizes left out, each with its own B
             for lo in range(0, z.shape[1], chunk):
                 u = z[:, lo : lo + chunk].double() - mean[lo : lo + chunk]  # (N, c, d)
                 ut = u.transpose(0, 1)  # (c, N, d)
                 scatter = ut.transpose(1, 2) @ ut  # (c, d, d)
-                inverses: dict[int, Tensor] = {}  # B^-1 per group size m
-
-                def b_inv(m: int, scatter: Tensor = scatter, inverses: dict = inverses) -> Tensor:
-                    if m not in inverses:
-                        eye = torch.eye(scatter.shape[-1], dtype=torch.float64)
-                        inverses[m] = torch.cholesky_inverse(torch.linalg.cholesky(scatter / (n - m - 1) + eps * eye))
-                    return inverses[m]
-
+                b_inv = {m: ridge_inverse(scatter / (n - m - 1), eps, f"{self.name}.heldout_maps: a covariance is "
+                                          f"singular (eps = {eps}): use eps > 0") for m in group_sizes}  # B^-1 per m
                 if len(singles):  # m = 1: W W^T = b u u^T, v = u n / (n - 1), a scalar Woodbury term
                     us = ut[:, torch.as_tensor(singles)]  # (c, k, d)
-                    q = ((us @ b_inv(1)) * us).sum(-1)  # (c, k)
+                    q = ((us @ b_inv[1]) * us).sum(-1)  # (c, k)
                     b = n / ((n - 1) * (n - 2))
                     sq[torch.as_tensor(singles), lo : lo + chunk] = ((n / (n - 1)) ** 2 * q / (1 - b * q)).T
                 for idx in multi:
@@ -268,7 +269,7 @@ class PaDiM(BaseDetector):
                     ell = torch.linalg.cholesky(torch.eye(m, dtype=torch.float64) + 1.0 / (n - m))
                     w = (ell.T @ ug) / math.sqrt(n - m - 1)  # (c, m, d), rows of W^T
                     v = ug + s / (n - m)  # (c, m, d), rows v_i = x_i - mu''
-                    bi = b_inv(m)
+                    bi = b_inv[m]
                     bw, bv = w @ bi, v @ bi  # rows of (B^-1 W)^T and (B^-1 v)^T
                     cap = torch.eye(m, dtype=torch.float64) - bw @ w.transpose(1, 2)  # I - W^T B^-1 W
                     t = w @ bv.transpose(1, 2)  # (c, m, m): column i = W^T B^-1 v_i
@@ -286,9 +287,7 @@ class PaDiM(BaseDetector):
     def _onnx_forward(self, x: Tensor, maps: bool) -> tuple[Tensor, Tensor]:
         """Scores and maps as one fixed graph (anomalab.export): the map once, the score its maximum; batch-size
         free reshapes and blur filters built for the fitted image size (constants of the graph)."""
-        z, (h, w) = self.embed_patches(x)
+        z, grid = self.embed_patches(x)
         size = tuple(int(s) for s in self.input_shape_[1:])
-        d = mahalanobis(z, self.mean_, self.precision_).reshape(-1, 1, h, w)
-        amap = F.interpolate(d, size=size, mode="bilinear", align_corners=False)[:, 0]
-        amap = gaussian_blur(amap, float(self.sigma), size=size)  # blur filters fixed for the graph
+        amap = self._maps_from(mahalanobis(z, self.mean_, self.precision_), grid, size)
         return amap.flatten(1).amax(1), amap
