@@ -96,6 +96,12 @@ class BetaVAE(LatentModel):
         return self.encoder_(x)
 
     def loss(self, x: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """The objective's loss of a batch of prepared images and its logged terms."""
+        loss, logs, _ = self._loss(x)
+        return loss, logs
+
+    def _loss(self, x: Tensor) -> tuple[Tensor, dict[str, float], Tensor]:
+        """As `loss`, with the sampled codes z (FactorVAE's discriminator step reuses them)."""
         mean, logvar = self.encoder_(x)
         z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
         rec = bernoulli_nll(self.decoder_(z), x).mean()
@@ -104,15 +110,14 @@ class BetaVAE(LatentModel):
             logits = self.tc_disc_(z)
             tc = (logits[:, 0] - logits[:, 1]).mean()  # log D(z) / (1 - D(z)), class 0 = "from q(z)"
             loss = rec + kl + self.beta_now * tc
-            self._z_for_d = z.detach()
-            return loss, {"loss": loss.item(), "rec": rec.item(), "kl": kl.item(), "tc": tc.item()}
+            return loss, {"loss": loss.item(), "rec": rec.item(), "kl": kl.item(), "tc": tc.item()}, z
         if self.objective == "beta_tcvae":
             parts = tc_decomposition(z, mean, logvar, len(self.data_), self.tc_estimator)
             loss = rec + parts["mi"] + self.beta_now * parts["tc"] + parts["dwkl"]
             return loss, {"loss": loss.item(), "rec": rec.item(), "kl": kl.item(),
-                          **{k: v.item() for k, v in parts.items()}}
+                          **{k: v.item() for k, v in parts.items()}}, z
         loss = rec + self.beta_now * kl
-        return loss, {"loss": loss.item(), "rec": rec.item(), "kl": kl.item()}
+        return loss, {"loss": loss.item(), "rec": rec.item(), "kl": kl.item()}, z
 
     def train_more(self, steps: int) -> None:
         """As `LatentModel.train_more`, with the nets in the channels_last memory format while they train
@@ -140,15 +145,16 @@ class BetaVAE(LatentModel):
         # half's z from the second half's z with every dimension permuted across the batch
         first, second = batch[: self.batch_size], batch[self.batch_size :]
         self.optimizer_.zero_grad(set_to_none=True)
-        loss, logs = self.loss(first)
-        loss.backward()
+        loss, logs, z = self._loss(first)
+        # gradients for the VAE's parameters only: D's would be discarded before its own step
+        loss.backward(inputs=self.optimizer_.param_groups[0]["params"])
         self.optimizer_.step()
         with torch.no_grad():
             mean, logvar = self.encoder_(second)
             z2 = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
             perm = permute_dims(z2)
         self.optimizer_d_.zero_grad(set_to_none=True)
-        joint, product = self.tc_disc_(self._z_for_d), self.tc_disc_(perm)
+        joint, product = self.tc_disc_(z.detach()), self.tc_disc_(perm)
         zeros = torch.zeros(len(joint), dtype=torch.long, device=joint.device)
         d_loss = 0.5 * (F.cross_entropy(joint, zeros) + F.cross_entropy(product, zeros + 1))
         d_loss.backward()
