@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from anomalab.data.dsprites import FACTOR_NAMES, ColouredDSprites, DSprites, WhiteDSprites, added_set
-from anomalab.errors import ParameterError
+from anomalab.errors import DataError, ParameterError
 from anomalab.experiments._common import (
     Clock,
     fmt,
@@ -91,10 +91,16 @@ def _metric(model, data, seed: int, args, pool: EncodedPool | None = None) -> tu
             "classifier": r.classifier.tolist()}, pool
 
 
+def time_spent(folder: Path) -> dict:
+    """The training CPU / wall seconds kept in a saved model's time.json ({} without one)."""
+    tf = Path(folder) / "time.json"
+    return json.loads(tf.read_text()) if tf.is_file() else {}
+
+
 def _train_chunks(model, target: int, path: Path, track=None) -> dict:
     """Train `model` to `target` steps in chunks, saving after each; CPU/wall seconds kept in time.json."""
     tf = path / "time.json"
-    spent = json.loads(tf.read_text()) if tf.is_file() else {"cpu_s": 0.0, "wall_s": 0.0}
+    spent = {"cpu_s": 0.0, "wall_s": 0.0, **time_spent(path)}
     while model.steps_done_ < target:
         with Clock() as c:
             model.train_more(min(TRACK_EVERY if track else 250, target - model.steps_done_))
@@ -161,7 +167,7 @@ def teacher_summary(row: dict) -> str:
 def teacher_stage(args, res: ResultStore) -> BetaVAE:
     path = args.out / "teacher"
     given = given_teacher(args)
-    stored_row = res.get(("teacher",)) if ("teacher",) in res else None
+    stored_row = res.get(("teacher",))
     before = None if stored_row is None else stored_row.get("teacher_path")
     now = None if given is None else str(args.teacher)
     if stored_row is not None and before != now:  # the students stored there were distilled from another teacher
@@ -170,14 +176,9 @@ def teacher_stage(args, res: ResultStore) -> BetaVAE:
                              f"{now or 'a teacher trained there'}: choose another --out")
     if given is not None:
         if ("teacher",) not in res:
-            with Clock() as c:
-                m, _ = _metric(given, DSprites(), 1, args)
-            spent = Path(args.teacher) / "time.json"  # the training time kept beside a checkpoint, if any
-            cpu_s = json.loads(spent.read_text()).get("cpu_s") if spent.is_file() else None
-            row = res.add({"stage": "teacher", "model": "teacher", "seed": given.seed, "steps": given.steps_done_,
-                           "batch_size": given.batch_size, "teacher_path": str(args.teacher), "train_cpu_s": cpu_s,
-                           "objective": given.objective, "d_acc_5": m["eval_accuracy"], "metric5": m,
-                           "metric_cpu_s": c.cpu_s, "pool_size": args.pool_size})
+            row = _teacher_row(res, "teacher", given, given.seed, time_spent(args.teacher), args,
+                               teacher_path=str(args.teacher),
+                               objective=given.objective)
             print(f"teacher {args.teacher}: FactorVAE {row['d_acc_5']:.3f} ({given.steps_done_} steps)")
         return given
     teacher = _load_or_start_teacher(path, args)
@@ -191,14 +192,20 @@ def teacher_stage(args, res: ResultStore) -> BetaVAE:
 
     spent = _train_chunks(teacher, args.teacher_steps, path, track if args.track else None)
     if ("teacher",) not in res:
-        with Clock() as c:
-            m, _ = _metric(teacher, DSprites(), 1, args)
-        row = res.add({"stage": "teacher", "model": "teacher", "seed": args.seed, "steps": teacher.steps_done_,
-                       "batch_size": teacher.batch_size, "train_cpu_s": spent["cpu_s"],
-                       "train_wall_s": spent["wall_s"], "d_acc_5": m["eval_accuracy"], "metric5": m,
-                       "metric_cpu_s": c.cpu_s, "pool_size": args.pool_size})
+        row = _teacher_row(res, "teacher", teacher, args.seed, spent, args)
         print(f"teacher: FactorVAE {row['d_acc_5']:.3f} ({teacher.steps_done_} steps)")
     return teacher
+
+
+def _teacher_row(res: ResultStore, stage: str, teacher: BetaVAE, seed: int, spent: dict, args, **extra) -> dict:
+    """Score `teacher` with the full metric and store its row under `stage` (spent: its training CPU / wall
+    seconds, {} when unknown)."""
+    with Clock() as c:
+        m, _ = _metric(teacher, DSprites(), 1, args)
+    return res.add({"stage": stage, "model": stage, "seed": seed, "steps": teacher.steps_done_,
+                    "batch_size": teacher.batch_size, "train_cpu_s": spent.get("cpu_s"),
+                    "train_wall_s": spent.get("wall_s"), "d_acc_5": m["eval_accuracy"], "metric5": m,
+                    "metric_cpu_s": c.cpu_s, "pool_size": args.pool_size, **extra})
 
 
 def warmup_teacher_stage(args, res: ResultStore) -> None:
@@ -207,12 +214,7 @@ def warmup_teacher_stage(args, res: ResultStore) -> None:
     teacher = _load_or_start_teacher(path, args, kl_warmup_steps=WARMUP_STEPS)
     spent = _train_chunks(teacher, args.teacher_steps, path)
     if ("teacher_warmup",) not in res:
-        with Clock() as c:
-            m, _ = _metric(teacher, DSprites(), 1, args)
-        res.add({"stage": "teacher_warmup", "model": "teacher_warmup", "seed": args.seed,
-                 "steps": teacher.steps_done_, "batch_size": teacher.batch_size, "train_cpu_s": spent["cpu_s"],
-                 "train_wall_s": spent["wall_s"], "d_acc_5": m["eval_accuracy"], "metric5": m,
-                 "metric_cpu_s": c.cpu_s, "pool_size": args.pool_size, "kl_warmup_steps": WARMUP_STEPS})
+        _teacher_row(res, "teacher_warmup", teacher, args.seed, spent, args, kl_warmup_steps=WARMUP_STEPS)
 
 
 def pool_check_stage(args, res: ResultStore, teacher: BetaVAE) -> None:
@@ -556,8 +558,6 @@ def _teacher_label(run: Path) -> str:
 def teacher_curves_figure(runs: list[Path], path: Path) -> Path:
     """Quick FactorVAE score (1,000 / 500 votes) against the teacher's step, one line per run folder (its
     results.jsonl `teacher_track_*` rows), the source's teacher (0.804) as a reference line."""
-    from anomalab.errors import DataError
-
     fig, ax = pyplot().subplots(figsize=(8, 4.2))
     drawn = 0
     for run in runs:
