@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from anomalab._version import __version__
@@ -198,3 +199,40 @@ def make_strided(out_dir: str | Path, category: str = "brick", crop: int = 128, 
                 f"train_{split}": [0, half], f"test_{split}": [half, photo.shape[0]]}
         (folder / INFO_FILE).write_text(json.dumps(info, indent=1))
     return target
+
+
+class TexturePatches:
+    """Windows of a texture photo drawn on demand, for models trained in steps (the beta-VAE teacher and
+    the beta-VAEGAN student take any source with `sample(n, rng)` and `len()`, as dSprites).
+
+    The photo's rows [0, 62.5 %) (`part="train"`) or the rows below (`part="test"`, the split of
+    `make_textures`) are shrunk by `shrink` (box average: a window of `size` shows `size * shrink` pixels of
+    the photo) and cut into every `size` x `size` window; `sample` draws windows uniformly. `channels` = 3
+    repeats the gray image (the student's RGB input)."""
+
+    def __init__(self, category: str = "grass", part: str = "train", size: int = 64, shrink: int = 2,
+                 channels: int = 1):
+        if part not in ("train", "test"):
+            raise ParameterError(f"part must be 'train' or 'test', got {part!r}")
+        if channels not in (1, 3):
+            raise ParameterError(f"channels must be 1 or 3, got {channels!r}")
+        photo = texture_photo(category)
+        split_row = int(round(photo.shape[0] * TRAIN_FRACTION))
+        photo = photo[:split_row] if part == "train" else photo[split_row:]
+        h, w = (photo.shape[0] // shrink) * shrink, (photo.shape[1] // shrink) * shrink
+        small = photo[:h, :w].reshape(h // shrink, shrink, w // shrink, shrink).mean((1, 3))
+        if min(small.shape) < size:
+            raise ParameterError(f"{category} {part} rows shrunk by {shrink} are {small.shape}: no {size} px window")
+        self.category, self.part, self.size, self.channels = category, part, size, channels
+        self.photo = torch.from_numpy(np.ascontiguousarray(small, dtype=np.float32))
+        self.rows, self.cols = small.shape[0] - size + 1, small.shape[1] - size + 1
+
+    def __len__(self) -> int:
+        return self.rows * self.cols
+
+    def sample(self, n: int, rng: np.random.Generator) -> tuple[torch.Tensor, np.ndarray]:
+        """n uniformly drawn windows (n, channels, size, size) in [0, 1] and their (row, col) corners."""
+        corners = np.stack([rng.integers(0, self.rows, size=n), rng.integers(0, self.cols, size=n)], axis=1)
+        windows = self.photo.unfold(0, self.size, 1).unfold(1, self.size, 1)  # (rows, cols, size, size), a view
+        out = windows[torch.from_numpy(corners[:, 0]), torch.from_numpy(corners[:, 1])].unsqueeze(1)
+        return out.expand(-1, self.channels, -1, -1).contiguous(), corners
