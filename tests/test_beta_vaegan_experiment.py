@@ -54,11 +54,33 @@ def test_a_bad_student_value_fails_before_the_teacher_trains(tmp_path, monkeypat
     assert not (tmp_path / "results.jsonl").exists()
 
 
-def _student_row(gamma, corr, overrides=None, seed=0):
+def _votes(colour_row):
+    """A metric6 vote matrix [factor][dim] whose colour row (the last factor) is `colour_row`."""
+    return {"votes": [[0] * 6 for _ in range(5)] + [list(colour_row)]}
+
+
+def _student_row(gamma, corr, overrides=None, seed=0, d5=0.7):
     stage = exp._student_stage_name(gamma, seed, overrides or {})
     return {"stage": stage, "model": "student", "gamma": gamma, "seed": seed, "overrides": overrides or {},
-            "steps": 3000, "batch_size": 32, "train_cpu_s": 600.0, "d_acc_5": 0.7, "d_acc_6": 0.65,
-            "correspondence": corr}
+            "steps": 3000, "batch_size": 32, "train_cpu_s": 600.0, "d_acc_5": d5, "d_acc_6": 0.65,
+            "correspondence": corr, "metric6": _votes([5, 0, 0, 0, 0, 3])}
+
+
+def test_colour_votes_name_the_top_dim_and_the_added_one():
+    assert exp.colour_votes({"metric6": _votes([224, 186, 101, 189, 131, 0])}) == "z1 224, z6 0 (831)"
+    assert exp.colour_votes({"metric6": _votes([1, 2, 0, 0, 0, 97])}) == "z6 97 (100)"  # the added dim on top
+
+
+def test_seeds_of_a_setting_are_summarised_as_mean_and_std(tmp_path):
+    res = exp.open_store(tmp_path, exp.KEY)
+    for seed, d5 in enumerate((0.70, 0.80, 0.90)):
+        res.add(_student_row(1.0, 0.5 * seed, seed=seed, d5=d5))
+    res.add(_student_row(0.0, 0.0))  # one seed: no summary row
+    args = argparse.Namespace(out=tmp_path, pool_size=10_000, overrides={})
+    text = "\n".join(exp.table_lines(res, args))
+    # recomputed by hand: mean 0.8, population std sqrt(2/3) * 0.1 = 0.082; correspondence 0.5 +- 0.41
+    assert "| gamma=1 | 0.800 ± 0.082 | 0.650 ± 0.000 | 0.50 ± 0.41 | 3 | 0.808 / 0.840 / 1.00 |" in text
+    assert "| gamma=0 |" not in text
 
 
 def test_every_stored_setting_is_tabled_and_plotted(tmp_path):
@@ -71,7 +93,7 @@ def test_every_stored_setting_is_tabled_and_plotted(tmp_path):
     assert list(groups[", w_kd=30"]) == [(0.0, 0), (1.0, 0)]
     args = argparse.Namespace(out=tmp_path, pool_size=10_000, overrides={})  # the table of a plain rerun
     text = "\n".join(exp.table_lines(res, args))
-    assert "| student gamma=0, w_kd=30 | 0.700 | 0.650 | 0.00 | 0.826 / 0.667 / 0.00 |" in text
+    assert "| student gamma=0, w_kd=30 | 0.700 | 0.650 | 0.00 | z1 5, z6 3 (8) | 0.826 / 0.667 / 0.00 |" in text
     assert "| student gamma=1 | 0.700 | 0.650 | 0.90 |" in text
     png = exp.correspondence_figure(res, tmp_path / "correspondence.png")
     assert png.is_file() and png.stat().st_size > 5_000

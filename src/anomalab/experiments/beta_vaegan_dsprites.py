@@ -29,6 +29,7 @@ from anomalab.experiments._common import (
     Clock,
     fmt,
     markdown_table,
+    mean_std,
     open_store,
     parser,
     pyplot,
@@ -450,6 +451,25 @@ def student_rows(res: ResultStore) -> dict[str, dict[tuple[float, int], dict]]:
     return {k: dict(sorted(groups[k].items())) for k in sorted(groups, key=lambda k: (k != "", k))}
 
 
+def _by_gamma(cells: dict[tuple[float, int], dict]) -> dict[float, list[dict]]:
+    out: dict[float, list[dict]] = {}
+    for (gamma, _), r in cells.items():
+        out.setdefault(gamma, []).append(r)
+    return out
+
+
+def colour_votes(row: dict) -> str:
+    """Where the FactorVAE metric's colour votes went (all-6 metric): 'z1 224, z6 0 (831)' = the dimension
+    with most colour votes, the added dimension's count, and the number of colour votes ('-' for a row
+    stored without its votes)."""
+    if "votes" not in row.get("metric6", {}):
+        return "-"
+    votes = np.asarray(row["metric6"]["votes"])[ColouredDSprites.factor_names.index("colour")]  # [factor][dim]
+    top, added = int(votes.argmax()), len(votes) - 1
+    text = f"z{top + 1} {votes[top]}" + ("" if top == added else f", z{added + 1} {votes[added]}")
+    return f"{text} ({votes.sum()})"
+
+
 def table_lines(res: ResultStore, args) -> list[str]:
     """results.md: the teacher(s), every stored student setting, the metric's notes, the degree curves."""
     body = []
@@ -464,14 +484,28 @@ def table_lines(res: ResultStore, args) -> list[str]:
     if w:
         body.append([f"teacher option: beta warm-up over {w['kl_warmup_steps']} steps", fmt(w["d_acc_5"]), "-", "-",
                      "-", f"{w['steps']} x {w['batch_size']}", f"{w['train_cpu_s'] / 60:.1f}", w["seed"]])
-    for setting, cells in student_rows(res).items():  # every stored setting: the budget's first
+    groups = student_rows(res)
+    for setting, cells in groups.items():  # every stored setting: the budget's first
         for (gamma, seed), r in cells.items():
             src = SOURCE_TABLE1.get(gamma, (None, None, None))
             body.append([f"student gamma={gamma:g}{setting}", fmt(r["d_acc_5"]), fmt(r["d_acc_6"]),
-                         fmt(r["correspondence"], ".2f"), f"{fmt(src[0])} / {fmt(src[1])} / {fmt(src[2], '.2f')}",
+                         fmt(r["correspondence"], ".2f"), colour_votes(r),
+                         f"{fmt(src[0])} / {fmt(src[1])} / {fmt(src[2], '.2f')}",
                          f"{r['steps']} x {r['batch_size']}", f"{r['train_cpu_s'] / 60:.1f}", seed])
+    for row in body[: len(body) - sum(map(len, groups.values()))]:  # teacher rows: no colour votes
+        row.insert(4, "-")
     lines = markdown_table(["model", "D-acc (5 original)", "D-acc (all 6)", "correspondence",
-                            "source: 5 / 6 / corr.", "steps x batch", "train CPU min", "seed"], body)
+                            "colour votes: top dim, z6 (of all)", "source: 5 / 6 / corr.", "steps x batch",
+                            "train CPU min", "seed"], body)
+    summary = [[f"gamma={gamma:g}{setting}", *(mean_std(r[k] for r in rows) for k in ("d_acc_5", "d_acc_6")),
+                mean_std((r["correspondence"] for r in rows), digits=2), len(rows),
+                " / ".join(fmt(v, ".2f" if i == 2 else ".3f") for i, v in enumerate(SOURCE_TABLE1.get(gamma, ())))]
+               for setting, cells in groups.items()
+               for gamma, rows in _by_gamma(cells).items() if len(rows) > 1]
+    if summary:
+        lines += ["", "Mean ± std over the seeds stored (population std):", "",
+                  *markdown_table(["student", "D-acc (5 original)", "D-acc (all 6)", "correspondence", "seeds",
+                                   "source: 5 / 6 / corr."], summary)]
     pool = (f"votes drawn from a pool of {args.pool_size:,} encoded images (pooled votes)" if args.pool_size
             else "exact sampling")
     notes = [f"FactorVAE metric, disentanglement_lib variant: L = {METRIC['batch_size']}, {METRIC['num_train']:,} "
