@@ -3,7 +3,9 @@ the stage name, so cells with other settings never overwrite (or get mistaken fo
 
 import argparse
 
+import numpy as np
 import pytest
+import torch
 
 from anomalab.errors import ParameterError
 from anomalab.experiments import beta_vaegan_dsprites as exp
@@ -11,7 +13,7 @@ from anomalab.runs.store import ResultStore
 
 
 def _args(**kw):
-    base = dict(student_warmup=0, added_logvar_init=None, w_kd=exp.STUDENT["w_kd"], student_set=[])
+    base = dict(student_warmup=0, added_logvar_init=None, w_kd=exp.STUDENT["w_kd"], student_set=[], added_poses="fixed")
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -243,3 +245,46 @@ def test_report_only_rebuilds_the_table_from_stored_rows_without_training(tmp_pa
     assert (tmp_path / "correspondence.png").is_file()
     with pytest.raises(ParameterError, match="no results"):
         exp.main(["--out", str(tmp_path / "empty"), "--report-only"])
+
+
+def test_added_data_at_every_pose_keeps_the_sprites_and_shares_a_pose_across_colour_levels():
+    from anomalab.data.dsprites import FACTOR_SIZES, added_factors
+
+    fixed, every = added_factors(), added_factors(poses="all")
+    assert np.array_equal(fixed[:, [0, 3, 4, 5]], every[:, [0, 3, 4, 5]])  # same shapes, positions, colours
+    assert set(fixed[:, 1]) == {5} and set(fixed[:, 2]) == {0}
+    bases = every.reshape(-1, 5, 6)  # a (shape, position) base in its five colour levels
+    assert (bases[:, :, 5] == np.arange(1, 6)).all() and (bases[:, :, 1:3] == bases[:, :1, 1:3]).all()
+    assert set(every[:, 1]) == set(range(FACTOR_SIZES[1])) and len(set(every[:, 2])) == FACTOR_SIZES[2]
+    assert np.array_equal(every, added_factors(poses="all"))  # seeded
+    with pytest.raises(ParameterError, match="poses must be"):
+        added_factors(poses="some")
+
+
+def test_added_poses_is_named_in_the_stage_but_not_passed_to_the_model():
+    o = exp.student_overrides(_args(source_objective=True, added_poses="all"))
+    assert o["added_poses"] == "all"
+    assert exp._student_stage_name(1.0, 0, o) == "student_g1_s0_added_posesall_w_adv1_kd1_w_mismatch0_w_pixel0"
+    assert "added_poses" not in exp._model_params(o)
+    assert "added_poses" not in exp.student_overrides(_args(added_poses="fixed"))
+
+
+class _ColourCoder:
+    """A stand-in encoder: z1 = the colour level (G channel of the sprite), z2 = the x position, z3 = both."""
+
+    def encode(self, images):
+        sprite = images.amax(1)  # (N, 64, 64)
+        on = sprite > 0.5
+        g = (images[:, 1] * on).sum((1, 2)) / on.sum((1, 2))
+        cols = on.float().mean(1)  # column profile
+        x = (cols * torch.arange(64.0)).sum(1) / cols.sum(1)
+        return torch.stack([g, x / 64, g + x / 64], 1)
+
+
+def test_colour_probe_gives_a_colour_only_dim_share_one_and_a_pose_dim_share_zero():
+    r = exp.colour_probe(_ColourCoder(), n=40)
+    share = r["colour_share"]
+    assert share[0] == pytest.approx(1.0) and share[1] == pytest.approx(0.0, abs=1e-9)
+    assert 0.05 < share[2] < 0.95  # colour and position mixed
+    levels = np.array(r["code_by_level"])[:, 0]
+    assert levels[0] == pytest.approx(1.0) and np.all(np.diff(levels) < 0)  # white G = 1, falling toward red

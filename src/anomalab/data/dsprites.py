@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from anomalab.errors import ParameterError
 from anomalab.types import ImageSet
 
 SHAPES = ("square", "ellipse", "heart")
@@ -195,19 +196,35 @@ class WhiteDSprites(DSprites):
         return super().images_from_factors(factors).expand(-1, 3, -1, -1).contiguous()
 
 
+ADDED_POSES = ("fixed", "all")
+
+
 def added_factors(scale_index: int = ADDED_SCALE_INDEX,
-                  orientation_index: int = ADDED_ORIENTATION_INDEX) -> np.ndarray:
+                  orientation_index: int = ADDED_ORIENTATION_INDEX, poses: str = "fixed",
+                  seed: int = 0) -> np.ndarray:
     """The 15,360 (shape, scale, orientation, posX, posY, colour) factor rows of the added data:
-    3 shapes x 32 x 32 positions at the fixed scale and orientation, each in the 5 colour levels 1..5."""
+    3 shapes x 32 x 32 positions, each in the 5 colour levels 1..5. poses="fixed" (the source's data): every
+    image at the given scale and orientation; "all": each of the 3,072 (shape, position) bases at its own
+    scale and orientation drawn uniformly (seeded), the same in its five colour levels, so that colour is
+    no longer tied to one pose."""
+    if poses not in ADDED_POSES:
+        raise ParameterError(f"poses must be 'fixed' or 'all', got {poses!r}")
     s, x, y, c = np.meshgrid(np.arange(3), np.arange(32), np.arange(32), np.arange(1, 6), indexing="ij")
     n = s.size
-    return np.stack([s.ravel(), np.full(n, scale_index), np.full(n, orientation_index),
-                     x.ravel(), y.ravel(), c.ravel()], axis=1).astype(np.int64)
+    scale, orientation = np.full(n, scale_index), np.full(n, orientation_index)
+    if poses == "all":
+        rng = np.random.default_rng(seed)
+        bases = n // 5  # meshgrid order: the colour level varies fastest
+        scale = np.repeat(rng.integers(0, FACTOR_SIZES[1], size=bases), 5)
+        orientation = np.repeat(rng.integers(0, FACTOR_SIZES[2], size=bases), 5)
+    return np.stack([s.ravel(), scale, orientation, x.ravel(), y.ravel(), c.ravel()], axis=1).astype(np.int64)
 
 
-def added_set(scale_index: int = ADDED_SCALE_INDEX, orientation_index: int = ADDED_ORIENTATION_INDEX) -> ImageSet:
-    """The added ("anomalous") data as an ImageSet: 15,360 RGB images, labels y = 1, classes = colour level."""
-    f = added_factors(scale_index, orientation_index)
+def added_set(scale_index: int = ADDED_SCALE_INDEX, orientation_index: int = ADDED_ORIENTATION_INDEX,
+              poses: str = "fixed") -> ImageSet:
+    """The added ("anomalous") data as an ImageSet: 15,360 RGB images, labels y = 1, classes = colour level
+    (poses: see `added_factors`)."""
+    f = added_factors(scale_index, orientation_index, poses)
     return ImageSet(images=ColouredDSprites().images_from_factors(f), labels=np.ones(len(f), dtype=np.int64),
                     classes=f[:, 5], meta={"name": "dsprites_coloured", "class_names": ["white"] + [
                         f"red{t:.1f}" for t in COLOUR_LEVELS]})

@@ -23,7 +23,16 @@ from pathlib import Path
 
 import numpy as np
 
-from anomalab.data.dsprites import FACTOR_NAMES, ColouredDSprites, DSprites, WhiteDSprites, added_set
+from anomalab.data.dsprites import (
+    ADDED_ORIENTATION_INDEX,
+    ADDED_POSES,
+    ADDED_SCALE_INDEX,
+    FACTOR_NAMES,
+    ColouredDSprites,
+    DSprites,
+    WhiteDSprites,
+    added_set,
+)
 from anomalab.errors import DataError, ParameterError
 from anomalab.experiments._common import (
     Clock,
@@ -47,6 +56,7 @@ from anomalab.metrics.disentangle import (
 )
 from anomalab.params import parse_items, signature_defaults, validate
 from anomalab.runs.store import ResultStore
+from anomalab.types import ImageSet
 
 # ---- settings --------------------------------------------------------------------------------------
 TEACHER = dict(latent_dim=5, beta=4.0, steps=2000, batch_size=64, lr=5e-4)  # beta-VAE of Burgess et al. 2018
@@ -66,6 +76,7 @@ POOL_SIZE = 30_000  # pooled votes: encode 30,000 images once instead of 970,000
 TRACK_EVERY = 1000  # teacher steps between progress checks (quick metric: 1,000 / 500 votes, pool 10,000)
 WARMUP_STEPS = 1000  # option --warmup-teacher: beta ramps up from 0 over these steps
 CORRESPONDENCE_VOTES = 100  # colour votes behind the added-factor correspondence
+PROBE_SPRITES = 500  # sprites rendered in every colour level by the colour probe
 DEGREES = (-1.0, 0.0, 1.0, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0)  # values of the added dim z6 in the degree study
 N_DEGREE_IMAGES = 500  # normal sprites turned into pseudo-anomalies at each degree
 ADDED_RANGE = (1.0, 5.0)  # traversal of the added dim (its own row; z1..z5 span -2 .. 2); below ~1.5 = off the data
@@ -254,7 +265,21 @@ def student_overrides(args) -> dict:
     given = {**shortcuts, **parse_items(args.student_set, what="--student-set")}
     values = validate(BetaVAEGAN, given, owner="beta_vaegan student")
     defaults = {**signature_defaults(BetaVAEGAN), **STUDENT}
-    return {k: v for k, v in values.items() if defaults[k] != v}
+    out = {k: v for k, v in values.items() if defaults[k] != v}
+    if getattr(args, "added_poses", "fixed") != "fixed":  # a data setting, named in the stage like the others
+        out["added_poses"] = args.added_poses
+    return out
+
+
+DATA_SETTINGS = ("added_poses",)  # overrides that set the students' data, not a BetaVAEGAN parameter
+
+
+def _model_params(overrides: dict) -> dict:
+    return {k: v for k, v in overrides.items() if k not in DATA_SETTINGS}
+
+
+def _added(overrides: dict) -> ImageSet:
+    return added_set(poses=overrides.get("added_poses", "fixed"))
 
 
 def _value(v) -> str:
@@ -280,12 +305,12 @@ def student_stage(args, res: ResultStore, teacher: BetaVAE, gamma: float, seed: 
     path = args.out / stage
     if (path / "model.json").is_file():
         student = BetaVAEGAN.load(path, device=args.device)
-        student.set_training_data(teacher, added_set())
+        student.set_training_data(teacher, _added(overrides))
     else:
-        student = BetaVAEGAN(**{**STUDENT, "steps": args.student_steps, **overrides}, gamma=gamma, seed=seed,
-                             device=args.device)
+        student = BetaVAEGAN(**{**STUDENT, "steps": args.student_steps, **_model_params(overrides)}, gamma=gamma,
+                             seed=seed, device=args.device)
         student.progress = args.progress
-        student.fit(teacher, added_set(), steps=0)
+        student.fit(teacher, _added(overrides), steps=0)
     student.progress = args.progress
     spent = _train_chunks(student, args.student_steps, path)
     if (stage,) not in res:
@@ -304,6 +329,33 @@ def student_stage(args, res: ResultStore, teacher: BetaVAE, gamma: float, seed: 
         print(f"student gamma={gamma:g} seed={seed}: D-acc 5 {row['d_acc_5']:.3f}, all 6 {row['d_acc_6']:.3f}, "
               f"correspondence {corr:.2f}")
     return student
+
+
+def colour_probe(student: BetaVAEGAN, n: int = PROBE_SPRITES, added_pose: bool = False, seed: int = 31) -> dict:
+    """Which latent dimensions move with colour: n sprites, each rendered in all six colour levels (other
+    factors fixed), encoded; per dimension the share of its variance that is within-sprite variance across
+    the colour levels (1 = the dim changes only with colour, 0 = not at all), and its mean code per level.
+    added_pose: the sprites at the added data's scale and orientation (the only pose coloured sprites are
+    trained at); otherwise every factor is drawn uniformly, as the metric draws them."""
+    data = ColouredDSprites()
+    levels = data.factor_sizes[-1]
+    f5 = DSprites().sample_factors(n, np.random.default_rng(seed))
+    if added_pose:
+        f5[:, 1], f5[:, 2] = ADDED_SCALE_INDEX, ADDED_ORIENTATION_INDEX
+    f = np.concatenate([np.repeat(f5, levels, axis=0), np.tile(np.arange(levels), n)[:, None]], axis=1)
+    z = student.encode(data.images_from_factors(f)).numpy().reshape(n, levels, -1)
+    within, total = z.var(axis=1).mean(axis=0), z.reshape(n * levels, -1).var(axis=0)
+    return {"colour_share": (within / np.maximum(total, 1e-12)).tolist(), "code_by_level": z.mean(axis=0).tolist(),
+            "n_sprites": n, "added_pose": added_pose}
+
+
+def colour_probe_stage(args, res: ResultStore, students: dict[float, BetaVAEGAN]) -> None:
+    """colour_probe of every gamma's first-seed student, over all poses and at the added data's pose."""
+    for gamma, student in students.items():
+        name = f"colour_probe_g{gamma:g}{_tags(args.overrides)}"
+        if (name,) not in res:
+            res.add({"stage": name, "gamma": gamma, "overrides": args.overrides, "seed": args.seeds[0],
+                     "all_poses": colour_probe(student), "added_pose": colour_probe(student, added_pose=True)})
 
 
 def degree_stage(args, res: ResultStore, students: dict[float, BetaVAEGAN]) -> tuple[dict, np.ndarray]:
@@ -342,7 +394,8 @@ def check_settings(args) -> None:
     args.overrides = student_overrides(args)
     validate(BetaVAE, {**TEACHER, "steps": args.teacher_steps, "seed": args.seed, "device": args.device},
              owner="beta_vae teacher")
-    validate(BetaVAEGAN, {**STUDENT, "steps": args.student_steps, **args.overrides, "device": args.device},
+    validate(BetaVAEGAN, {**STUDENT, "steps": args.student_steps, **_model_params(args.overrides),
+                          "device": args.device},
              owner="beta_vaegan student")
 
 
@@ -393,6 +446,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--student-set", action="append", default=[], metavar="KEY=VALUE",
                    help="students: any BetaVAEGAN parameter (e.g. w_pixel=0), converted to its type; repeatable; "
                         "cells with other parameters are stored as separate stages")
+    p.add_argument("--added-poses", choices=ADDED_POSES, default="fixed",
+                   help="students: the coloured (added) images at the source's one scale and orientation (fixed), "
+                        "or each (shape, position) at its own random scale and orientation (all), so that colour "
+                        "is not told by the pose; cells with 'all' are stored as separate stages")
     p.add_argument("--no-check-pool", dest="check_pool", action="store_false")
     p.add_argument("--no-figures", dest="figures", action="store_false",
                    help="skip the traversal and degree figures (correspondence.png, drawn from the table, is kept)")
@@ -433,6 +490,7 @@ def main(argv: list[str] | None = None) -> None:
         if 1.0 in students:
             traversal_figure(args, teacher, students[1.0])
         curves, normal = degree_stage(args, res, students)
+        colour_probe_stage(args, res, students)
         degree_figures(curves, students, normal, args.out)
     if args.check_pool:
         pool_check_stage(args, res, teacher)
@@ -519,6 +577,20 @@ def table_lines(res: ResultStore, args) -> list[str]:
         notes.append(f"Pooled vs exact sampling on the teacher (1,000 / 500 votes): {check['pooled_quick']:.3f} "
                      f"vs {check['exact_quick']:.3f}.")
     lines += ["", *(f"- {n}" for n in notes)]
+    probes = sorted((r for r in res if r["stage"].startswith("colour_probe_g")), key=lambda r: r["stage"])
+    if probes:
+        prow = []
+        for r in probes:
+            for pose in ("all_poses", "added_pose"):
+                share = r[pose]["colour_share"]
+                prow.append([f"{r['gamma']:g}" + _describe(r.get("overrides", {})), pose.replace("_", " "),
+                             *(f"{v:.2f}" for v in share)])
+        dims = len(probes[0]["all_poses"]["colour_share"])
+        lines += ["", "Colour probe (first seed): share of each dimension's variance that is colour (each of "
+                  f"{probes[0]['all_poses']['n_sprites']} sprites rendered in all six colour levels; 1 = the dim "
+                  "moves with colour only). \"all poses\": every factor drawn uniformly, as the metric draws "
+                  "them; \"added pose\": at the scale and orientation of the coloured training images:", "",
+                  *markdown_table(["gamma", "sprites", *(f"z{d + 1}" for d in range(dims))], prow)]
     deg = sorted((r for r in res if r["stage"].startswith("degree_g")), key=lambda r: r["stage"])
     if deg:
         curve_rows = []
