@@ -79,7 +79,7 @@ CORRESPONDENCE_VOTES = 100  # colour votes behind the added-factor correspondenc
 PROBE_SPRITES = 500  # sprites rendered in every colour level by the colour probe
 DEGREES = (-1.0, 0.0, 1.0, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0)  # values of the added dim z6 in the degree study
 N_DEGREE_IMAGES = 500  # normal sprites turned into pseudo-anomalies at each degree
-ADDED_RANGE = (1.0, 5.0)  # traversal of the added dim (its own row; z1..z5 span -2 .. 2); below ~1.5 = off the data
+ADDED_RANGE = (0.0, 4.0)  # traversal of the added dim over the source's positive range (z1..z5 span -2 .. 2)
 SOURCE_TABLE1 = {  # the source's Table 1: D-acc (5 original), D-acc (all 6), correspondence
     "teacher": (0.804, None, None), 0.0: (0.826, 0.667, 0.00), 1.0: (0.808, 0.840, 1.00),
     5.0: (0.816, 0.847, 1.00), 10.0: (0.766, 0.735, 1.00),
@@ -615,13 +615,20 @@ def traversal_figure(args, teacher: BetaVAE, student: BetaVAEGAN) -> Path:
     zt, zs = teacher.encode(image)[0], student.encode(image)[0]
     rows = [(f"teacher z{d + 1}", teacher.traverse(d, values, zt)) for d in range(teacher.latent_dim)]
     rows += [(f"student z{d + 1}", student.traverse(d, values, zs)) for d in range(student.latent_dim)]
-    # the added dim over its own range: the encoder puts the data there (white ~2, red ~3 in our runs)
+    # the added dim over the source's positive range ("anomalous feature present"), and over the range the
+    # trained data occupy (user degree 0 .. 1: the white sprites' median code .. the strongest added level's)
     added = np.linspace(ADDED_RANGE[0], ADDED_RANGE[1], len(values))
-    rows += [(f"student z{student.added_dim + 1} ({added[0]:+g} .. {added[-1]:+g})",
+    rows += [(f"student z{student.added_dim + 1} {added[0]:+g}..{added[-1]:+g}",
               student.traverse(student.added_dim, added, zs))]
+    trained = ""
+    if student.degree_range_ is not None:
+        lo, hi = student.degree_range_
+        rows += [(f"student z{student.added_dim + 1}, degree", student.traverse(student.added_dim,
+                                                                             np.linspace(lo, hi, len(values)), zs))]
+        trained = f"; last row: z{student.added_dim + 1} over its trained range {lo:+.2f} .. {hi:+.2f} (degree 0 .. 1)"
     return image_grid(rows, args.out / "traversal.png", col_titles=[f"{v:+.1f}" for v in values],
                       title=f"latent traversals: teacher (top) vs student gamma={student.gamma:g} (bottom)"
-                      + (f", beta warm-up {student.kl_warmup_steps}" if student.kl_warmup_steps else ""))
+                      + (f", beta warm-up {student.kl_warmup_steps}" if student.kl_warmup_steps else "") + trained)
 
 
 def degree_figures(curves: dict, students: dict[float, BetaVAEGAN], normal, out: Path) -> None:
