@@ -55,8 +55,11 @@ def test_experiment_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(exp, "N_DETECTOR", 40)
     monkeypatch.setitem(exp.STUDENT, "batch_size", 8)
     monkeypatch.setitem(exp.TEACHER, "batch_size", 8)
-    args = ["--out", str(tmp_path), "--teacher-steps", "3", "--student-steps", "3", "--category", "brick"]
+    args = ["--out", str(tmp_path), "--teacher-steps", "3", "--student-steps", "3", "--student-set", "w_adv=1",
+            "--category", "brick"]
     exp.main(args)
+    assert json.loads((tmp_path / "settings.json").read_text())["overrides"] == {"w_adv": 1.0}
+    assert json.loads((tmp_path / "student_g1" / "model.json").read_text())["params"]["w_adv"] == 1.0
     rows = {r["stage"]: r for r in map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())}
     assert set(rows) == {"teacher", "student", "probe", "curve"}
     assert [r["degree"] for r in rows["curve"]["rows"]] == list(exp.DEGREES)
@@ -72,6 +75,8 @@ def test_experiment_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 4
     with pytest.raises(ParameterError, match="at least 1"):
         exp.main([*args[:2], "--teacher-steps", "0"])
+    with pytest.raises(ParameterError, match="w_adv"):
+        exp.main([*args[:2], "--student-set", "w_adv=lots"])
     with pytest.raises(ParameterError, match="other settings: category 'brick' \\(asked 'grass'\\)"):
         exp.main([*args[:-1], "grass"])  # the folder's rows belong to the brick run
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 4

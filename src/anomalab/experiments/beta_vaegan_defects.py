@@ -34,6 +34,7 @@ from anomalab.experiments.beta_vaegan_dsprites import STUDENT, TEACHER, _train_c
 from anomalab.generate.beta_vaegan import BetaVAE, BetaVAEGAN
 from anomalab.generate.defects import DEFECTS
 from anomalab.metrics import image_auroc
+from anomalab.params import parse_items, validate
 from anomalab.runs.store import ResultStore
 from anomalab.types import ImageSet
 
@@ -92,7 +93,8 @@ def student_stage(args, res: ResultStore, teacher: BetaVAE) -> BetaVAEGAN:
         student = BetaVAEGAN.load(path)
         student.set_training_data(teacher, added, original)
     else:
-        student = BetaVAEGAN(**{**STUDENT, "steps": args.student_steps}, gamma=args.gamma, seed=args.seed)
+        student = BetaVAEGAN(**{**STUDENT, "steps": args.student_steps, **args.overrides}, gamma=args.gamma,
+                             seed=args.seed)
         student.fit(teacher, added, original, steps=0)
     student.progress = args.progress
     spent = _train_chunks(student, args.student_steps, path)
@@ -154,7 +156,10 @@ def figures(args, student: BetaVAEGAN, clean: torch.Tensor, bad: dict, curve: di
     from anomalab.report.plots import image_grid
 
     show = clean[:8]
-    rows = [("test window", show), ("reconstruction", student.decode(student.encode(show)))]
+    teacher = student.teacher_
+    rows = [("test window", show),
+            ("teacher recon.", teacher.decode(teacher.encode(show[:, :1])).expand(-1, 3, -1, -1)),
+            ("student recon.", student.decode(student.encode(show)))]
     rows += [(f"degree {d:g}", student.generate_degree(show, d)) for d in DEGREES[1:]]
     rows += [(f"real, strength {lv:g}", bad[lv][:8]) for lv in LEVELS]
     image_grid(rows, args.out / "samples.png",
@@ -177,7 +182,8 @@ def table_lines(res: ResultStore, args) -> list[str]:
     t, s, p, c = (res.get((k,)) for k in ("teacher", "student", "probe", "curve"))
     lines = [f"Texture `{args.category}`, defect `{args.defect}`, strengths {', '.join(f'{v:g}' for v in LEVELS)}; "
              f"teacher {t['steps']} steps ({t['train_cpu_s'] / 60:.1f} CPU min, test mean |x - x^| "
-             f"{t['test_mae']:.3f}); student gamma={s['gamma']:g}, {s['steps']} steps "
+             f"{t['test_mae']:.3f}); student gamma={s['gamma']:g}"
+             f"{''.join(f', {k}={v}' for k, v in sorted(args.overrides.items()))}, {s['steps']} steps "
              f"({s['train_cpu_s'] / 60:.1f} CPU min), degree range of the added dim "
              f"{s['degree_range'][0]:.2f} .. {s['degree_range'][1]:.2f}.", ""]
     if p:
@@ -203,7 +209,7 @@ def check_settings(args) -> None:
     """An --out folder holds one run: its settings are written on the first run, and a rerun with others is
     refused (its rows and models would be mistaken for theirs)."""
     wanted = {k: getattr(args, k) for k in ("category", "defect", "gamma", "seed", "teacher_steps", "student_steps",
-                                            "detector")}
+                                            "detector", "overrides")}
     f = args.out / SETTINGS_FILE
     if f.is_file():
         found = json.loads(f.read_text())
@@ -224,10 +230,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--teacher-steps", type=int, default=3000)
     p.add_argument("--student-steps", type=int, default=3000)
     p.add_argument("--detector", default="pca", help="registry name of the detector behind the AUROC curve")
+    p.add_argument("--student-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="students: any BetaVAEGAN parameter over the dSprites experiment's budget (e.g. w_adv=1), "
+                        "converted to its type; repeatable")
     p.add_argument("--progress", action="store_true", help="progress bars")
     args = p.parse_args(argv)
     if args.teacher_steps < 1 or args.student_steps < 1:
         raise ParameterError("--teacher-steps and --student-steps must be at least 1")
+    args.overrides = validate(BetaVAEGAN, parse_items(args.student_set, what="--student-set"),
+                              owner="beta_vaegan student")
     check_settings(args)
     res = open_store(args.out, KEY)
     teacher = teacher_stage(args, res)
