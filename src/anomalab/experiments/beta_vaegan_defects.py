@@ -43,6 +43,7 @@ N_ADDED = 4000  # defective training windows (1,000 per level)
 N_TEST = 400  # test windows per strength in the probe and the curve
 N_DETECTOR = 2000  # clean training windows the detector is fitted on
 DEGREES = (0.0, 0.25, 0.5, 0.75, 1.0)  # user degrees of the curve
+SHOWN_DEGREES = (0.5, 1.0)  # degrees (and real strengths) drawn in samples.png
 KEY = ("stage",)
 # the defects' size: larger than the texture benchmark's (which are drawn for 128-256 px), so that at 64 px
 # a full-strength defect is plain to a PCA detector (grass, intensity_shift: AUROC 0.56 / 0.73 / 0.95 at
@@ -155,13 +156,13 @@ def curve_stage(args, res: ResultStore, student: BetaVAEGAN, clean: torch.Tensor
 def figures(args, student: BetaVAEGAN, clean: torch.Tensor, bad: dict, curve: dict) -> None:
     from anomalab.report.plots import image_grid
 
-    show = clean[:8]
+    show = clean[:6]
     teacher = student.teacher_
     rows = [("test window", show),
             ("teacher recon.", teacher.decode(teacher.encode(show[:, :1])).expand(-1, 3, -1, -1)),
             ("student recon.", student.decode(student.encode(show)))]
-    rows += [(f"degree {d:g}", student.generate_degree(show, d)) for d in DEGREES[1:]]
-    rows += [(f"real, strength {lv:g}", bad[lv][:8]) for lv in LEVELS]
+    rows += [(f"degree {d:g}", student.generate_degree(show, d)) for d in SHOWN_DEGREES]
+    rows += [(f"real, strength {lv:g}", bad[lv][: len(show)]) for lv in SHOWN_DEGREES]
     image_grid(rows, args.out / "samples.png",
                title=f"{args.category}: beta-VAEGAN pseudo-defects ({args.defect}) by degree, and real synthetic "
                      "defects of the same strengths")
