@@ -109,10 +109,11 @@ def _test_sets(args) -> tuple[torch.Tensor, dict[float, torch.Tensor]]:
     """N_TEST clean test windows (3 channels) and, per strength, the same windows with a defect."""
     rng = np.random.default_rng([args.seed, 3])
     clean = TexturePatches(args.category, "test").sample(N_TEST, rng)[0]
+    rgb = clean.expand(-1, 3, -1, -1).contiguous()
     # the same defects (one generator state per strength) at every strength; strength 0 = the clean windows
-    bad = {lv: defective(clean, args.defect, np.full(N_TEST, lv), np.random.default_rng([args.seed, 4]))
-           for lv in (0.0, *LEVELS)}
-    return clean.expand(-1, 3, -1, -1).contiguous(), bad
+    bad = {0.0: rgb, **{lv: defective(clean, args.defect, np.full(N_TEST, lv), np.random.default_rng([args.seed, 4]))
+                        for lv in LEVELS}}
+    return rgb, bad
 
 
 def probe_stage(args, res: ResultStore, student: BetaVAEGAN, clean: torch.Tensor, bad: dict) -> dict:
@@ -141,14 +142,15 @@ def curve_stage(args, res: ResultStore, student: BetaVAEGAN, clean: torch.Tensor
     detector = create(args.detector, seed=0).fit(train[0])
     labels = np.r_[np.zeros(N_TEST), np.ones(N_TEST)]
     clean_scores = detector.score(clean).numpy()
-    recon_scores = detector.score(student.decode(student.encode(clean))).numpy()
+    recon = student.decode(student.encode(clean))
+    recon_scores = detector.score(recon).numpy()
     rows = []
     for degree, level in zip(DEGREES, (0.0, *LEVELS), strict=True):
         fake = student.generate_degree(clean, degree)
         rows.append({"degree": degree, "code": student.degree_code(degree),
                      "pseudo_vs_reconstruction": image_auroc(labels, np.r_[recon_scores, detector.score(fake).numpy()]),
                      "real_vs_clean": image_auroc(labels, np.r_[clean_scores, detector.score(bad[level]).numpy()]),
-                     "pseudo_change": float((fake - student.decode(student.encode(clean))).abs().mean())})
+                     "pseudo_change": float((fake - recon).abs().mean())})
     return res.add({"stage": "curve", "detector": args.detector, "n_detector": N_DETECTOR, "n_test": N_TEST,
                     "rows": rows})
 

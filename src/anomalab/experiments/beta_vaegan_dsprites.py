@@ -535,13 +535,13 @@ def table_lines(res: ResultStore, args) -> list[str]:
     if t:
         src = SOURCE_TABLE1["teacher"]
         label = f"teacher ({t.get('objective', 'beta_vae')})"
-        body.append([label, fmt(t["d_acc_5"]), "-", "-", f"{fmt(src[0])} / - / -",
+        body.append([label, fmt(t["d_acc_5"]), "-", "-", "-", f"{fmt(src[0])} / - / -",
                      f"{t['steps']} x {t['batch_size']}",
                      "-" if t.get("train_cpu_s") is None else f"{t['train_cpu_s'] / 60:.1f}", t["seed"]])
     w = stored(res, "teacher_warmup")
     if w:
         body.append([f"teacher option: beta warm-up over {w['kl_warmup_steps']} steps", fmt(w["d_acc_5"]), "-", "-",
-                     "-", f"{w['steps']} x {w['batch_size']}", f"{w['train_cpu_s'] / 60:.1f}", w["seed"]])
+                     "-", "-", f"{w['steps']} x {w['batch_size']}", f"{w['train_cpu_s'] / 60:.1f}", w["seed"]])
     groups = student_rows(res)
     for setting, cells in groups.items():  # every stored setting: the budget's first
         for (gamma, seed), r in cells.items():
@@ -550,8 +550,6 @@ def table_lines(res: ResultStore, args) -> list[str]:
                          fmt(r["correspondence"], ".2f"), colour_votes(r),
                          f"{fmt(src[0])} / {fmt(src[1])} / {fmt(src[2], '.2f')}",
                          f"{r['steps']} x {r['batch_size']}", f"{r['train_cpu_s'] / 60:.1f}", seed])
-    for row in body[: len(body) - sum(map(len, groups.values()))]:  # teacher rows: no colour votes
-        row.insert(4, "-")
     lines = markdown_table(["model", "D-acc (5 original)", "D-acc (all 6)", "correspondence",
                             "colour votes: top dim, z6 (of all)", "source: 5 / 6 / corr.", "steps x batch",
                             "train CPU min", "seed"], body)
