@@ -54,6 +54,63 @@ def test_gan_mnist_resume_skips_finished_cells(tmp_path, monkeypatch):
     assert gan_mnist.main(["--out", str(tmp_path), *TINY])["rows"] == 1
 
 
+class Cut(Exception):
+    """Stands in for the process being killed."""
+
+
+def test_gan_mnist_cell_cut_in_training_or_scoring_resumes_to_the_uncut_result(tmp_path, monkeypatch):
+    import anomalab.runs.atomic as atomic
+    from anomalab.detectors.ganomaly import GANomaly
+    from anomalab.train.epochs import Checkpoint
+
+    argv = [*TINY, "--epochs", "3", "--set", "ganomaly.batch_size=32"]  # 2 steps per epoch
+    monkeypatch.setattr(GANomaly, "score_batch_size", 8)  # 40 test digits: 5 batches,
+    monkeypatch.setattr(gan_mnist, "SCORE_CHUNK", 1)  # each saved as it is scored
+    monkeypatch.setattr(gan_mnist, "CHECKPOINT_EVERY_S", 0)  # training state at every epoch end
+    gan_mnist.main(["--out", str(tmp_path / "uncut"), *argv])
+    uncut = json.loads((tmp_path / "uncut" / "results.jsonl").read_text())
+    assert "resumed" not in uncut and not (tmp_path / "uncut" / "checkpoints").exists()
+
+    out = tmp_path / "cut"
+    write, writes = Checkpoint.write, []
+
+    def write_then_die(self, state):  # killed right after the second epoch's checkpoint
+        write(self, state)
+        writes.append(1)
+        if len(writes) == 2:
+            raise Cut
+
+    monkeypatch.setattr(Checkpoint, "write", write_then_die)
+    with pytest.raises(Cut):
+        gan_mnist.main(["--out", str(out), *argv])
+    (folder,) = (out / "checkpoints").iterdir()
+    assert (folder / "train.pt").is_file() and not (out / "results.jsonl").exists()
+    monkeypatch.setattr(Checkpoint, "write", write)
+
+    save, saves = atomic.write_file_atomic, []
+
+    def save_then_die(target, data):  # killed after the second chunk of test scores
+        save(target, data)
+        saves.append(target)
+        if len(saves) == 2:
+            raise Cut
+
+    monkeypatch.setattr(atomic, "write_file_atomic", save_then_die)
+    with pytest.raises(Cut):
+        gan_mnist.main(["--out", str(out), *argv])
+    assert (folder / "detector" / "detector.json").is_file() and not (folder / "train.pt").exists()
+    assert len(np.load(folder / "scores.npz")["scores"]) == 16
+    monkeypatch.setattr(atomic, "write_file_atomic", save)
+
+    gan_mnist.main(["--out", str(out), *argv])
+    row = json.loads((out / "results.jsonl").read_text())
+    assert row["resumed"] == "scoring"
+    for key in ("image_auroc", "aupr", "history", "n_train", "n_test"):
+        assert row[key] == uncut[key], key
+    assert not (out / "checkpoints").exists()  # removed once the row is stored
+    assert uncut["fit_s"] > 0 and row["fit_s"] > 0 and row["score_s"] > 0
+
+
 def test_gan_bn_defaults_scores_each_milestone_under_each_treatment_and_resumes(tmp_path, monkeypatch):
     from anomalab.experiments import gan_bn_defaults as bn
 

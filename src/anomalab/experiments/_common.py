@@ -9,6 +9,7 @@ and figures, both rebuilt from the store.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import time
 from collections.abc import Iterable, Sequence
@@ -23,6 +24,49 @@ from anomalab.runs.store import ResultStore
 
 RESULTS_FILE = "results.jsonl"  # one JSON row per finished cell (anomalab.runs.store)
 TABLE_FILE = "results.md"
+
+
+# ---- resumable scoring -----------------------------------------------------------------------------
+class ResumableScores:
+    """A fitted detector whose `score` works through the images in chunks of `chunk` and saves the scores
+    so far to `path` (.npz, replaced atomically) after each chunk; a later `score` of the same images
+    continues after the last saved chunk. Everything else is the detector's (`evaluate` takes it as one).
+    With `chunk` a multiple of the detector's `score_batch_size` the batches are those of one uncut call,
+    so the scores are identical. `seconds`: scoring time of every chunk, the ones before a cut included.
+    For detectors whose scoring is the expensive part (AnoGAN's latent search: 50 minutes for 1,400 digits)."""
+
+    def __init__(self, detector, path: str | Path, chunk: int):
+        self.detector, self.path, self.chunk = detector, Path(path), int(chunk)
+        self.seconds = 0.0
+
+    def __getattr__(self, attr: str):
+        return getattr(self.detector, attr)
+
+    def score(self, images) -> Any:
+        import torch
+
+        from anomalab.errors import LoadError
+        from anomalab.runs.atomic import write_file_atomic
+
+        n = len(images)
+        checksum = float(images.double().sum())
+        scores: list[np.ndarray] = []
+        spent = 0.0
+        if self.path.is_file():
+            with np.load(self.path) as saved:
+                if int(saved["n"]) != n or float(saved["checksum"]) != checksum:
+                    raise LoadError(f"{self.path} holds scores of other images; remove it to score afresh")
+                scores, spent = [saved["scores"]], float(saved["seconds"])
+        done = sum(len(s) for s in scores)
+        t0 = time.perf_counter()
+        for i in range(done, n, self.chunk):
+            scores.append(self.detector.score(images[i : i + self.chunk]).numpy().astype(np.float32))
+            buf = io.BytesIO()
+            np.savez(buf, n=n, checksum=checksum, scores=np.concatenate(scores),
+                     seconds=spent + time.perf_counter() - t0)
+            write_file_atomic(self.path, buf.getvalue())
+        self.seconds = spent + time.perf_counter() - t0
+        return torch.from_numpy(np.concatenate(scores)) if scores else torch.empty(0)
 
 
 # ---- command line ----------------------------------------------------------------------------------

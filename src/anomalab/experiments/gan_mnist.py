@@ -4,8 +4,11 @@ For each anomaly digit d and seed s: train on 80 % of the other nine digits (shu
 the remaining 20 % plus ALL images of digit d (the protocol of Akcay et al. 2018, GANomaly); image AUROC
 (and AUPRC, EGBAD's paper metric) of the model after the last epoch, networks in eval mode. Results are
 appended to `results.jsonl` (one row per detector x digit x seed x budget), so a cut run resumes skipping
-finished cells; `results.md`, the AUROC bars, score histograms, best/worst image grids and GANomaly loss
-curves are rebuilt from it. Detector pages: docs/detectors/{ganomaly,skip_ganomaly,egbad,anogan}.md.
+finished cells, and a cell cut midway resumes from its checkpoints (`checkpoints/<cell>/` in the output
+folder: training state every 5 minutes, the fitted detector, the test scores so far; removed once the cell's
+row is stored), ending as it would have uncut; `results.md`, the AUROC bars, score histograms, best/worst
+image grids and GANomaly loss curves are rebuilt from it.
+Detector pages: docs/detectors/{ganomaly,skip_ganomaly,egbad,anogan}.md.
 
 Paper-length run (about 15 epochs x 10 digits x 3 seeds x 4 detectors: many CPU hours):
     anomalab experiment gan_mnist
@@ -18,7 +21,10 @@ the expensive part). A bad `--set` value fails with one ParameterError before an
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import re
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +40,7 @@ from anomalab.data.transforms import prepare
 from anomalab.detector import Trainable
 from anomalab.evaluation import evaluate
 from anomalab.experiments._common import (
+    ResumableScores,
     detector_sets,
     markdown_table,
     mean_std,
@@ -45,6 +52,8 @@ from anomalab.experiments._common import (
 )
 from anomalab.params import signature_defaults, validate
 from anomalab.registry import REGISTRY, create, detector_class
+from anomalab.registry import load as load_detector
+from anomalab.train.epochs import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +71,8 @@ REFERENCE = {
     "raw-pixel kNN": {0: 0.973, 1: 0.494, 8: 0.900},
 }
 GRID_DIGIT = 0  # the digit whose histograms and image grids the docs show
+CHECKPOINT_EVERY_S = 300  # a GAN cell's training state is saved at the first epoch end after this many seconds
+SCORE_CHUNK = 4  # test scores are saved every this many of the detector's scoring batches
 SCORE_BATCH = 64  # test batch size of the official protocol's batch-statistics scoring (the official code's)
 
 
@@ -183,6 +194,32 @@ def bn_diagnostics(det, train, test) -> dict[str, float]:
     return out
 
 
+def cell_folder(out: Path, name: str, digit: int, seed: int, budget: str) -> Path:
+    """Where a cell keeps what lets a cut run resume it (`checkpoints/<cell>` in the output folder)."""
+    return out / "checkpoints" / re.sub(r"[^A-Za-z0-9=._-]+", "_", f"{name}_digit{digit}_seed{seed}_{budget}")
+
+
+def fit_resumable(det, train, folder: Path) -> tuple[object, float, dict]:
+    """Fit a GAN detector with its training state saved to `folder/train.pt` every CHECKPOINT_EVERY_S, then
+    save it to `folder/detector` (with the fit time in `fit.json`) and drop the training state; when a
+    saved detector is there already, load it instead. -> (detector, fit seconds, notes for the row)."""
+    saved, fit_file = folder / "detector", folder / "fit.json"
+    if fit_file.is_file() and (saved / "detector.json").is_file():
+        det = load_detector(saved)
+        return det, float(json.loads(fit_file.read_text())["fit_s"]), {"resumed": "scoring"}
+    det.checkpoint = Checkpoint(folder / "train.pt", CHECKPOINT_EVERY_S)
+    t0 = time.perf_counter()
+    det.fit(train)
+    fit_s = det.checkpoint.elapsed_before_s + time.perf_counter() - t0
+    notes = ({"resumed": "training", "steps_logged_after_epoch": det.checkpoint.resumed_epochs}
+             if det.checkpoint.resumed_epochs else {})
+    det.checkpoint = None
+    det.save(saved)
+    fit_file.write_text(json.dumps({"fit_s": fit_s}))
+    (folder / "train.pt").unlink(missing_ok=True)
+    return det, fit_s, notes
+
+
 def run_cell(name: str, params: dict, limits: dict, train, test, args, out: Path, budget: str = "") -> dict:
     det = create(name, **params)
     det.progress = False
@@ -192,16 +229,25 @@ def run_cell(name: str, params: dict, limits: dict, train, test, args, out: Path
     if limits.get("train_limit"):
         rng = np.random.default_rng(train.meta["seed"])
         train = train.subset(np.sort(rng.choice(len(train), int(limits["train_limit"]), replace=False)))
-    t0 = time.perf_counter()
-    det.fit(train)
-    fit_s = time.perf_counter() - t0
+    digit, seed = test.meta["anomaly_class"], test.meta["seed"]
+    folder = cell_folder(out, name, digit, seed, budget)
+    notes: dict = {}
+    if name in DETECTORS:  # minutes to an hour per cell: resumable
+        det, fit_s, notes = fit_resumable(det, train, folder)
+        det.progress = False
+    else:
+        t0 = time.perf_counter()
+        det.fit(train)
+        fit_s = time.perf_counter() - t0
     if limits.get("test_limit"):
         test = stratified(test, int(limits["test_limit"]), seed=0)
-    ev = evaluate(det, test, dataset=f"mnist-{test.meta['anomaly_class']}")
+    scorer = (ResumableScores(det, folder / "scores.npz", SCORE_CHUNK * det.score_batch_size)
+              if name in DETECTORS else det)
+    ev = evaluate(scorer, test, dataset=f"mnist-{test.meta['anomaly_class']}")
     row = {"image_auroc": ev.metrics["image_auroc"], "aupr": ev.metrics["aupr"], "fit_s": fit_s,
-           "score_s": ev.timings["score_s"], "n_train": len(train), "n_test": len(test),
-           "history": getattr(det, "history_", None), "steps": steps[:: max(1, len(steps) // 200)]}
-    digit, seed = test.meta["anomaly_class"], test.meta["seed"]
+           "score_s": scorer.seconds if name in DETECTORS else ev.timings["score_s"], "n_train": len(train),
+           "n_test": len(test), "history": getattr(det, "history_", None), "steps": steps[:: max(1, len(steps) // 200)],
+           **notes}
     if digit == GRID_DIGIT and seed == args.seeds[0] and name in DETECTORS:
         from anomalab.report.plots import score_histogram
 
@@ -243,6 +289,10 @@ def main(argv: list[str] | None = None) -> dict:
                     row.update(detector=name, digit=digit, seed=seed, budget=budget,
                                data=test.meta.get("name"), threads=args.threads)
                     store.add(row)
+                    folder = cell_folder(args.out, name, digit, seed, budget)
+                    shutil.rmtree(folder, ignore_errors=True)
+                    if folder.parent.is_dir() and not any(folder.parent.iterdir()):
+                        folder.parent.rmdir()  # checkpoints/ goes with its last cell
                     print(f"{name:14s} digit {digit} seed {seed} [{budget}]: AUROC {row['image_auroc']:.3f} "
                           f"(fit {row['fit_s']:.0f} s, score {row['score_s']:.0f} s)", flush=True)
     return report(store, args.out)

@@ -4,6 +4,13 @@ skip_ganomaly): `train_more` over a tensor of prepared images, named optimisers,
 `fit` and continual learning both train through `train_more`, so every way of training a detector
 runs the same loop (`run_epochs`) with the same seeding.
 
+Checkpoints (`Checkpoint`, set as the detector's `checkpoint` attribute): `train_more` then saves its whole
+training state (networks, optimisers' moments, fitted counters, every random generator, the epochs done)
+at epoch ends, at most every `every_s` seconds and once at the end, and a later `train_more` on the same
+detector settings and images resumes from that file: a run cut at any point and resumed ends with the same
+weights, bit for bit, as one never cut (tests/test_checkpoint.py). Long reproductions (paper-length GAN
+cells of 50 minutes) use it so that a cut costs minutes, not the cell.
+
 Minimum training on small folders (`EpochTrained.fit_epochs`): the papers' epochs (vae 20 x batch 128,
 ganomaly 15 x 64, ...) assume thousands of images; on 60 photos they are ~20 optimisation steps and the
 detector scores at chance. So `fit` trains max(epochs, ceil(min_steps / steps per epoch)) epochs, with
@@ -19,15 +26,21 @@ import functools
 import inspect
 import logging
 import math
+import os
+import random
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from anomalab import distributed
-from anomalab.errors import NotSupportedError
+from anomalab.errors import LoadError, NotSupportedError
+from anomalab.runs.atomic import temp_sibling
 from anomalab.train.loop import Batches, run_epochs, seed_everything
 
 log = logging.getLogger(__name__)
@@ -78,6 +91,58 @@ def match_state_layout(optimizers: Iterable[torch.optim.Optimizer]) -> None:
                     state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)  # param's strides
 
 
+class Checkpoint:
+    """Where `train_more` keeps its resumable training state (one file, replaced atomically) and how often
+    it writes it: at an epoch's end once `every_s` seconds have passed since the last write, and at the end
+    of training. After a resume, `resumed_epochs` and `elapsed_before_s` say how many epochs and how many
+    seconds of training the file already held. The file is never deleted here; its owner removes it once
+    what it trained is safely stored."""
+
+    def __init__(self, path: str | Path, every_s: float = 300.0):
+        self.path = Path(path)
+        self.every_s = float(every_s)
+        self.resumed_epochs = 0
+        self.elapsed_before_s = 0.0
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, every_s={self.every_s:g})"
+
+    def read(self) -> dict[str, Any] | None:
+        if not self.path.is_file():
+            return None
+        try:
+            return torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated or foreign file: say which, never guess
+            raise LoadError(f"{self.path} is not a readable training checkpoint ({e}); remove it to start "
+                            "training afresh") from None
+
+    def write(self, state: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_sibling(self.path)
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, self.path)  # a reader sees the previous checkpoint or this one, never half
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    """Every random generator training draws from (torch's global one: init, latents, dropout; the
+    shuffle generator; Python's and NumPy's, seeded by `seed_everything`), as plain tensors and tuples."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "shuffle": generator.get_state(), "python": random.getstate(),
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))}
+
+
+def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["shuffle"])
+    random.setstate(tuple(tuple(v) if isinstance(v, list) else v for v in state["python"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
 class EpochTrained:
     """Mixin implementing `anomalab.detector.Trainable` for detectors trained by epochs of mini-batches.
 
@@ -96,6 +161,7 @@ class EpochTrained:
     distributable: ClassVar[bool] = False
     progress: bool = True
     on_step: OnStep | None = None
+    checkpoint: Checkpoint | None = None  # resumable training state (see the module docstring)
     optimizers_: dict[str, torch.optim.Optimizer] | None = None  # built by the first train_more
     _explicit_params: frozenset[str] = frozenset()  # parameters passed to __init__ (set per instance)
 
@@ -174,12 +240,77 @@ class EpochTrained:
             epochs = self.fit_epochs(len(x))
         group = distributed.active()
         if group is not None:
+            if self.checkpoint is not None:
+                raise NotSupportedError(f"{self.name}: training checkpoints are written by one process; "
+                                        "run without torchrun or without a checkpoint")
             self._train_distributed(x, epochs, step or self._train_step, callback, step, desc, group, generator)
             return
         with self._training_data(x) as data:
             loader = Batches(data, self.batch_size, shuffle=True, generator=generator)
-            self.history_ += run_epochs(run, loader, epochs, progress=self.progress, desc=desc or f"{self.name} fit")
+            desc = desc or f"{self.name} fit"
+            if self.checkpoint is None:
+                self.history_ += run_epochs(run, loader, epochs, progress=self.progress, desc=desc)
+            else:
+                self.history_ += self._run_checkpointed(run, loader, data, epochs, desc, generator, self.checkpoint)
             self._after_training(data)
+
+    def _fingerprint(self, data: Tensor, epochs: int) -> dict[str, Any]:
+        """What a checkpoint must agree on to be resumed: the detector and its settings, the epochs already
+        in its history, this call's epochs, and the images (shape and a checksum)."""
+        params = self.get_params() if hasattr(self, "get_params") else {}
+        return {"detector": getattr(self, "name", type(self).__name__),
+                "params": {k: repr(v) for k, v in sorted(params.items()) if k != "device"},
+                "history_before": len(self.history_), "epochs": int(epochs), "data_shape": list(data.shape),
+                "data_sum": float(data.double().sum()), "data_abs_sum": float(data.double().abs().sum())}
+
+    def _run_checkpointed(self, run: Step, loader: Batches, data: Tensor, epochs: int, desc: str,
+                          generator: torch.Generator, checkpoint: Checkpoint) -> list[dict[str, float]]:
+        """`run_epochs` that resumes from and writes to `checkpoint` (see `Checkpoint`)."""
+        fingerprint = self._fingerprint(data, epochs)
+        done: list[dict[str, float]] = []
+        elapsed = 0.0
+        state = checkpoint.read()
+        if state is not None:
+            if state.get("fingerprint") != fingerprint:
+                theirs = state.get("fingerprint") or {}
+                differ = sorted(k for k in set(theirs) | set(fingerprint) if theirs.get(k) != fingerprint.get(k))
+                raise LoadError(f"{checkpoint.path} was written by another training run (it differs in "
+                                f"{', '.join(differ)}); remove it or choose another checkpoint path")
+            nets = self._nets()
+            for name, net in nets.items():
+                net.load_state_dict(state["nets"][name])
+            for name, opt in self.optimizers_.items():
+                opt.load_state_dict(state["optimizers"][name])
+            match_state_layout(self.optimizers_.values())  # loaded moments take their parameters' layout
+            for attr, value in state["fitted"].items():
+                setattr(self, attr, value)
+            _set_rng_state(state["rng"], generator)
+            done, elapsed = list(state["history"]), float(state["elapsed_s"])
+            log.info("%s: resuming from %s after %d of %d epochs", desc, checkpoint.path, len(done), epochs)
+        checkpoint.resumed_epochs, checkpoint.elapsed_before_s = len(done), elapsed
+        start = last_write = time.monotonic()
+
+        def save() -> None:
+            nonlocal last_write
+            checkpoint.write({
+                "fingerprint": fingerprint, "history": done, "elapsed_s": elapsed + time.monotonic() - start,
+                "nets": {name: net.state_dict() for name, net in self._nets().items()},
+                "optimizers": {name: opt.state_dict() for name, opt in self.optimizers_.items()},
+                "fitted": {attr: getattr(self, attr) for attr in getattr(self, "_fitted_json", ())
+                           if attr != "history_" and hasattr(self, attr)},
+                "rng": _rng_state(generator)})
+            last_write = time.monotonic()
+
+        def on_epoch_end(epoch: int, means: dict[str, float]) -> None:
+            done.append(means)
+            if len(done) < epochs and time.monotonic() - last_write >= checkpoint.every_s:
+                save()
+
+        remaining = epochs - len(done)
+        if remaining > 0:
+            run_epochs(run, loader, remaining, progress=self.progress, desc=desc, on_epoch_end=on_epoch_end)
+            save()
+        return done
 
     def _train_distributed(self, x: Tensor, epochs: int, run: Step, callback: OnStep | None, step: Step | None,
                            desc: str | None, group: distributed.Group, generator: torch.Generator) -> None:
