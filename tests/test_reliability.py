@@ -334,3 +334,39 @@ def test_generate_never_writes_into_its_images(tmp_path):
         assert code == 2 and "input" in text, text
     assert sorted(p.name for p in images.iterdir()) == ["a.png"]
 
+
+
+
+APPENDER = """
+import sys
+from anomalab.runs.store import ResultStore
+store = ResultStore(sys.argv[1], key=("writer", "i"))
+print("ready", flush=True)
+for i in range(int(sys.argv[3])):
+    store.add({"writer": sys.argv[2], "i": i, "payload": sys.argv[2] * 200_000})
+"""
+
+
+def test_result_store_appends_wait_for_the_file_lock_so_two_processes_can_share_it(tmp_path):
+    import fcntl
+
+    from anomalab.runs.store import ResultStore
+
+    path = tmp_path / "results.jsonl"
+    path.touch()
+    with path.open("a") as held:  # another writer mid-append
+        fcntl.flock(held, fcntl.LOCK_EX)
+        waiting = subprocess.Popen([sys.executable, "-c", APPENDER, str(path), "w", "1"], stdout=subprocess.PIPE,
+                                   text=True)
+        assert waiting.stdout.readline() == "ready\n"  # about to append
+        time.sleep(2)
+        assert waiting.poll() is None and path.stat().st_size == 0  # blocked on the lock, nothing written
+        fcntl.flock(held, fcntl.LOCK_UN)
+    assert waiting.wait(timeout=60) == 0 and len(path.read_text().splitlines()) == 1
+    path.unlink()
+    procs = [subprocess.Popen([sys.executable, "-c", APPENDER, str(path), w, "40"], stdout=subprocess.DEVNULL)
+             for w in "ab"]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    rows = [json.loads(line) for line in path.read_text().splitlines()]  # every line whole
+    assert len(rows) == 80 and all(r["payload"] == r["writer"] * 200_000 for r in rows)
+    assert len(ResultStore(path, key=("writer", "i"))) == 80

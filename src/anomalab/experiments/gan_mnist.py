@@ -21,6 +21,7 @@ the expensive part). A bad `--set` value fails with one ParameterError before an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import re
@@ -47,6 +48,7 @@ from anomalab.experiments._common import (
     open_store,
     parser,
     pyplot,
+    reopen,
     report_table,
     save_figure,
 )
@@ -281,6 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
             for digit in args.digits:
                 train, test = one_class_split(data, digit, train_frac=0.8, seed=seed)
                 for name, (extra, limits, budget) in plans.items():
+                    store = reopen(store)  # another process may share the folder and have done the cell
                     if (name, digit, seed, budget) in store:
                         continue
                     params = {**({"seed": seed} if name in DETECTORS else {}), **extra}
@@ -291,11 +294,11 @@ def main(argv: list[str] | None = None) -> dict:
                     store.add(row)
                     folder = cell_folder(args.out, name, digit, seed, budget)
                     shutil.rmtree(folder, ignore_errors=True)
-                    if folder.parent.is_dir() and not any(folder.parent.iterdir()):
+                    with contextlib.suppress(OSError):  # not empty: another process's cell is running
                         folder.parent.rmdir()  # checkpoints/ goes with its last cell
                     print(f"{name:14s} digit {digit} seed {seed} [{budget}]: AUROC {row['image_auroc']:.3f} "
                           f"(fit {row['fit_s']:.0f} s, score {row['score_s']:.0f} s)", flush=True)
-    return report(store, args.out)
+    return report(reopen(store), args.out)  # with the rows of any process sharing the folder
 
 
 # ---- table -----------------------------------------------------------------------------------------

@@ -4,10 +4,14 @@ One JSON object per line, appended (and flushed to disk) as soon as a cell finis
 at most the cell it was in and a rerun skips what is done. Rows are keyed by some of their fields (e.g.
 detector, digit, seed, budget); when several rows share a key (two runs merged into one file) the last
 one wins. A last line cut mid-write by a kill is ignored with a warning instead of failing the rerun.
+Each append holds an exclusive `fcntl.flock` on the file, so several processes (one per core, each on other
+cells) can append to one store without interleaving their lines (`experiments._common.reopen` reads what
+the others added).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -57,9 +61,13 @@ class ResultStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps(row, default=_jsonable) + "\n"
         with self.path.open("a") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+            fcntl.flock(f, fcntl.LOCK_EX)  # one writer at a time: a long line is several write() calls
+            try:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
         self._rows[self.key_of(row)] = row
         return row
 
