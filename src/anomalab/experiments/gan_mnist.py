@@ -364,7 +364,8 @@ PAPER_PLAN = {"ganomaly": SEEDS, "skip_ganomaly": SEEDS, "egbad": SEEDS[:1], "an
 
 def not_run_lines(rows: list[dict]) -> list[str]:
     """The cells of PAPER_PLAN (every digit) without a paper-budget row, per detector, with the measured cost of
-    one of its cells as the reason; nothing when no paper-budget row is stored (a reduced-budget table)."""
+    one of its cells (the median: robust to a cell run on a crowded machine) as the reason; nothing when no
+    paper-budget row is stored (a reduced-budget table)."""
     paper = [r for r in rows if str(r.get("budget", "")).startswith("epochs=paper")]
     if not paper:
         return []
@@ -375,7 +376,7 @@ def not_run_lines(rows: list[dict]) -> list[str]:
         if not missing:
             continue
         cost = [r["fit_s"] + r["score_s"] for r in paper if r["detector"] == name]
-        why = (f"not run yet: one cell took {np.mean(cost) / 60:.0f} min on one core here (mean of {len(cost)})"
+        why = (f"not run yet: one cell took {np.median(cost) / 60:.0f} min on one core here (median of {len(cost)})"
                if cost else "not run yet (no cell of it measured)")
         cells = "; ".join(f"seed {s}: digits {', '.join(str(d) for d, ss in missing if ss == s)}"
                           for s in seeds if any(ss == s for _, ss in missing))
