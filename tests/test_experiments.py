@@ -111,6 +111,26 @@ def test_gan_mnist_cell_cut_in_training_or_scoring_resumes_to_the_uncut_result(t
     assert uncut["fit_s"] > 0 and row["fit_s"] > 0 and row["score_s"] > 0
 
 
+def test_a_finished_cells_folder_loses_only_what_the_cell_wrote(tmp_path):
+    folder = gan_mnist.cell_folder(tmp_path, "egbad", 3, 0, "epochs=paper bn_recalibrate=True")
+    (folder / "detector").mkdir(parents=True)
+    for name in ("train.pt", "fit.json", "scores.npz", ".train.pt.tmp-123-ab", "detector/detector.json",
+                 "detector/weights.safetensors"):
+        (folder / name).write_text("x")
+    (folder / "notes.txt").write_text("mine")  # a user's file: kept, and so is its folder
+    gan_mnist.remove_cell_folder(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+    (folder / "notes.txt").unlink()
+    (folder / "train.pt").write_text("x")
+    gan_mnist.remove_cell_folder(folder)
+    assert not (tmp_path / "checkpoints").exists()
+    other = tmp_path / "checkpoints" / "x" / "detector"  # a detector/ that is not a saved detector stays
+    other.mkdir(parents=True)
+    (other / "a.png").write_text("x")
+    gan_mnist.remove_cell_folder(other.parent)
+    assert (other / "a.png").is_file()
+
+
 def test_gan_bn_defaults_scores_each_milestone_under_each_treatment_and_resumes(tmp_path, monkeypatch):
     from anomalab.experiments import gan_bn_defaults as bn
 

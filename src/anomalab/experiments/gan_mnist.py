@@ -201,6 +201,23 @@ def cell_folder(out: Path, name: str, digit: int, seed: int, budget: str) -> Pat
     return out / "checkpoints" / re.sub(r"[^A-Za-z0-9=._-]+", "_", f"{name}_digit{digit}_seed{seed}_{budget}")
 
 
+CELL_FILES = ("train.pt", "fit.json", "scores.npz")  # what a cell writes besides its saved detector/
+
+
+def remove_cell_folder(folder: Path) -> None:
+    """Remove what the cell wrote to `folder` (CELL_FILES, hidden temporaries of them, the saved detector),
+    then the folder and checkpoints/ if that left them empty. Anything else put there stays, with its folder."""
+    for name in CELL_FILES:
+        (folder / name).unlink(missing_ok=True)
+        for tmp in folder.glob(f".{name}.tmp-*"):  # left by a write a kill interrupted
+            tmp.unlink(missing_ok=True)
+    if (folder / "detector" / "detector.json").is_file():
+        shutil.rmtree(folder / "detector")
+    for empty in (folder, folder.parent):
+        with contextlib.suppress(OSError):  # not empty (another process's cell, a file of the user's) or gone
+            empty.rmdir()
+
+
 def fit_resumable(det, train, folder: Path) -> tuple[object, float, dict]:
     """Fit a GAN detector with its training state saved to `folder/train.pt` every CHECKPOINT_EVERY_S, then
     save it to `folder/detector` (with the fit time in `fit.json`) and drop the training state; when a
@@ -292,10 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
                     row.update(detector=name, digit=digit, seed=seed, budget=budget,
                                data=test.meta.get("name"), threads=args.threads)
                     store.add(row)
-                    folder = cell_folder(args.out, name, digit, seed, budget)
-                    shutil.rmtree(folder, ignore_errors=True)
-                    with contextlib.suppress(OSError):  # not empty: another process's cell is running
-                        folder.parent.rmdir()  # checkpoints/ goes with its last cell
+                    remove_cell_folder(cell_folder(args.out, name, digit, seed, budget))
                     print(f"{name:14s} digit {digit} seed {seed} [{budget}]: AUROC {row['image_auroc']:.3f} "
                           f"(fit {row['fit_s']:.0f} s, score {row['score_s']:.0f} s)", flush=True)
     return report(reopen(store), args.out)  # with the rows of any process sharing the folder

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import io
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -40,7 +40,7 @@ from torch import Tensor
 
 from anomalab import distributed
 from anomalab.errors import LoadError, NotSupportedError
-from anomalab.runs.atomic import temp_sibling
+from anomalab.runs.atomic import write_file_atomic
 from anomalab.train.loop import Batches, run_epochs, seed_everything
 
 log = logging.getLogger(__name__)
@@ -117,14 +117,9 @@ class Checkpoint:
                             "training afresh") from None
 
     def write(self, state: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_sibling(self.path)
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, self.path)  # a reader sees the previous checkpoint or this one, never half
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        write_file_atomic(self.path, buf.getvalue())  # a reader sees the previous checkpoint or this one, never half
 
 
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:
@@ -276,8 +271,7 @@ class EpochTrained:
                 differ = sorted(k for k in set(theirs) | set(fingerprint) if theirs.get(k) != fingerprint.get(k))
                 raise LoadError(f"{checkpoint.path} was written by another training run (it differs in "
                                 f"{', '.join(differ)}); remove it or choose another checkpoint path")
-            nets = self._nets()
-            for name, net in nets.items():
+            for name, net in self._nets().items():
                 net.load_state_dict(state["nets"][name])
             for name, opt in self.optimizers_.items():
                 opt.load_state_dict(state["optimizers"][name])
