@@ -370,3 +370,20 @@ def test_result_store_appends_wait_for_the_file_lock_so_two_processes_can_share_
     rows = [json.loads(line) for line in path.read_text().splitlines()]  # every line whole
     assert len(rows) == 80 and all(r["payload"] == r["writer"] * 200_000 for r in rows)
     assert len(ResultStore(path, key=("writer", "i"))) == 80
+
+
+def test_atomic_file_replaces_the_target_only_when_its_block_succeeds(tmp_path):
+    from anomalab.runs.atomic import atomic_file
+
+    target = tmp_path / "sub" / "state.pt"
+    with atomic_file(target) as tmp:
+        assert tmp.parent == target.parent and not target.exists()
+        tmp.write_bytes(b"first")
+    assert target.read_bytes() == b"first"
+    with pytest.raises(RuntimeError), atomic_file(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("killed mid-write")
+    assert target.read_bytes() == b"first" and hidden_siblings(target) == []  # old content kept, no temporary
+    with atomic_file(target) as tmp:
+        tmp.write_bytes(b"second")
+    assert target.read_bytes() == b"second" and hidden_siblings(target) == []

@@ -140,18 +140,26 @@ def staged_dir(target: str | Path) -> Iterator[Path]:
         raise
 
 
-def write_file_atomic(target: str | Path, data: str | bytes) -> Path:
-    """Write `data` to `target` through a hidden sibling and os.replace (readers see old or new, never half)."""
+@contextlib.contextmanager
+def atomic_file(target: str | Path) -> Iterator[Path]:
+    """A hidden sibling of `target` to write (by path: a writer such as `torch.save` streams to it), moved onto
+    `target` with os.replace when the block ends; removed, `target` untouched, when the block raises."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(target)
     try:
-        if isinstance(data, str):
-            tmp.write_text(data)
-        else:
-            tmp.write_bytes(data)
+        yield tmp
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return target
+
+
+def write_file_atomic(target: str | Path, data: str | bytes) -> Path:
+    """Write `data` to `target` through a hidden sibling and os.replace (readers see old or new, never half)."""
+    with atomic_file(target) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data)
+        else:
+            tmp.write_bytes(data)
+    return Path(target)

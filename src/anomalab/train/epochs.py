@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import io
 import logging
 import math
 import random
@@ -40,7 +39,7 @@ from torch import Tensor
 
 from anomalab import distributed
 from anomalab.errors import LoadError, NotSupportedError
-from anomalab.runs.atomic import write_file_atomic
+from anomalab.runs.atomic import atomic_file
 from anomalab.train.loop import Batches, run_epochs, seed_everything
 
 log = logging.getLogger(__name__)
@@ -117,9 +116,8 @@ class Checkpoint:
                             "training afresh") from None
 
     def write(self, state: dict[str, Any]) -> None:
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        write_file_atomic(self.path, buf.getvalue())  # a reader sees the previous checkpoint or this one, never half
+        with atomic_file(self.path) as tmp:  # a reader sees the previous checkpoint or this one, never half
+            torch.save(state, tmp)  # streamed to the file: a 200 MB state is not held twice in memory
 
 
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:
