@@ -235,8 +235,9 @@ def test_score_of_a_tiled_run_is_the_max_over_its_tiles(tiled_run, tiled_data):
         # the CLI scores several images' tiles per backbone call, this loop one image's: float32 convolutions
         # and the matrix-product distances (|a|^2 - 2ab + |b|^2, cancellation near the bank) then differ by
         # ~1e-5 relative; a wrong reduction (mean over tiles, another grid) is off by far more than 1e-4
-        assert float(row["score"]) == pytest.approx(float(inner.score(cut).max()), rel=1e-4)
-        assert float(row["score"]) != pytest.approx(float(inner.score(cut).mean()), rel=1e-4)
+        per_tile = inner.score(cut)
+        assert float(row["score"]) == pytest.approx(float(per_tile.max()), rel=1e-4)
+        assert float(row["score"]) != pytest.approx(float(per_tile.mean()), rel=1e-4)
         thr = det.threshold_.value
         assert row["verdict"] == ("anomalous" if float(row["score"]) > thr else "normal")
     code, text = cli("score", tiled_run, small, "--strict")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -109,7 +108,7 @@ def export_onnx(det, path: str | Path, opset: int = OPSET) -> Path:
     import torch
 
     from anomalab._version import __version__
-    from anomalab.runs.atomic import temp_sibling, write_file_atomic
+    from anomalab.runs.atomic import atomic_file, write_file_atomic
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -130,8 +129,7 @@ def export_onnx(det, path: str | Path, opset: int = OPSET) -> Path:
     if note:
         meta["maps_note"] = note
     text = json.dumps(meta, indent=1, default=str)
-    tmp = temp_sibling(path)
-    try:
+    with atomic_file(path) as tmp:  # the model lands whole and checked, or not at all
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracer chatter; the batch-size check below is what counts
             torch.onnx.export(module, (example,), str(tmp), input_names=["images"], output_names=outputs,
@@ -141,9 +139,6 @@ def export_onnx(det, path: str | Path, opset: int = OPSET) -> Path:
         onnx.helper.set_model_props(model, {META_KEY: text})
         onnx.save(model, str(tmp))
         _check_batch_sizes(tmp, det.input_shape_, det.name)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     write_file_atomic(meta_path(path), text + "\n")
     return path
 
